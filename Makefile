@@ -1,0 +1,36 @@
+# The front door. Every target installs .venv first (through a stamp file), so a fresh clone needs only Python 3.11.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+SYNTH  := data/synthav
+SEED   ?= 0
+
+.PHONY: install test test-all data bench clean-venv
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet --progress-bar off -r requirements.txt
+	touch $@
+
+# The suite CI runs (.ci/run): CPU, offline; slow and GPU tests are opt-in (make test-all, -m gpu).
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m "not gpu"
+
+# SynthAV, the embedded default data set (DESIGN section 6): 2,000 / 200 / 200 clips.
+data: $(SYNTH)/train.jsonl
+
+$(SYNTH)/train.jsonl: | $(STAMP)
+	$(PY) -m src.data.synth --out $(SYNTH) --train 2000 --val 200 --test 200 --seed $(SEED)
+
+bench: $(STAMP)
+	$(PY) bench/data_throughput.py
+
+clean-venv:
+	rm -rf $(VENV)

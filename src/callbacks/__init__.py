@@ -1,0 +1,1 @@
+"""Lightning callbacks (only this package, src/lit and src/fit.py import Lightning)."""

@@ -1,0 +1,1 @@
+"""Data: media decoding, manifests, streaming datasets and the SynthAV generator."""

@@ -1,0 +1,126 @@
+"""LightningDataModules over SFT and preference manifests, streaming synchronised frames and audio.
+
+Training streams epoch after epoch (runs are driven by ``max_steps``); validation and test stream one epoch in
+file order. The training cursor (see src.data.streaming) is updated in ``on_before_batch_transfer``, which
+Lightning calls for exactly the batch about to be trained on (its prefetched batch is not counted), and lives in
+this module's ``state_dict``, so Lightning's checkpoints carry it and ``fit(ckpt_path=...)`` resumes the stream at
+the next sample. A LightningModule that overrides ``on_before_batch_transfer`` takes that hook from the
+DataModule: it must call ``trainer.datamodule.on_before_batch_transfer`` itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader
+
+from src.data.clip_processor import ClipProcessor
+from src.data.media import FrameSampling
+from src.data.streaming import OnBadSample, SampleProcessor, Source, StreamCursor, StreamingDataset
+
+Sources = Sequence[Source] | str | None
+
+
+def as_sources(value: Sources) -> list[Source]:
+    """A manifest path, a list of Source, or None -> list of Source."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [Source(value)]
+    return [s if isinstance(s, Source) else Source(**s) for s in value]
+
+
+class AVDataModule(pl.LightningDataModule):
+    """Streams manifest rows through a sample processor (decoding happens in the workers).
+
+    Args:
+        train / val / test: a manifest path or a list of Source(path, weight).
+        processor: row -> sample and samples -> batch; defaults to ClipProcessor(sampling).
+        on_bad_sample: "skip" (report, count, quarantine, continue) or "raise".
+        run_dir: where quarantine.jsonl goes; defaults to the trainer's log_dir.
+    """
+
+    kind: Literal["sft", "preference"] = "sft"
+
+    def __init__(self, train: Sources = None, val: Sources = None, test: Sources = None, *, batch_size: int = 1,
+                 num_workers: int = 2, shuffle_buffer: int = 10_000, seed: int = 0,
+                 sampling: FrameSampling | None = None, processor: SampleProcessor | None = None,
+                 on_bad_sample: OnBadSample = "skip", run_dir: str | None = None, check_media: bool = True):
+        super().__init__()
+        self.sources = {"train": as_sources(train), "val": as_sources(val), "test": as_sources(test)}
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.shuffle_buffer, self.seed = shuffle_buffer, seed
+        self.processor = processor or ClipProcessor(sampling or FrameSampling())
+        self.on_bad_sample, self.run_dir, self.check_media = on_bad_sample, run_dir, check_media
+        self.datasets: dict[str, StreamingDataset] = {}
+        self._train_state: dict[str, Any] | None = None
+
+    # -- datasets ----------------------------------------------------------------------------------------
+    def _run_dir(self) -> str | None:
+        if self.run_dir is None and self.trainer is not None:
+            return self.trainer.log_dir
+        return self.run_dir
+
+    def dataset(self, split: str) -> StreamingDataset:
+        if split not in self.datasets:
+            if not self.sources[split]:
+                raise ValueError(f"{type(self).__name__}: no {split} manifest configured")
+            train = split == "train"
+            ds = StreamingDataset(
+                self.sources[split], self.processor, kind=self.kind, seed=self.seed, repeat=train,
+                shuffle_buffer=self.shuffle_buffer if train else 0, on_bad_sample=self.on_bad_sample,
+                run_dir=self._run_dir(), check_media=self.check_media, num_workers=self.num_workers)
+            if train and self._train_state is not None:
+                ds.load_state_dict(self._train_state)
+            self.datasets[split] = ds
+        return self.datasets[split]
+
+    def _loader(self, split: str) -> DataLoader:
+        ds = self.dataset(split)
+        return DataLoader(ds, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=ds.collate,
+                          persistent_workers=False, pin_memory=False)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    # -- resume ------------------------------------------------------------------------------------------
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self.trainer is not None and self.trainer.training and "train" in self.datasets:
+            self.datasets["train"].cursor.update(batch["stream"])
+        return batch
+
+    @property
+    def bad_samples(self) -> int:
+        """Bad training samples skipped so far on this rank (since the start of the run, resumes included)."""
+        return self.datasets["train"].cursor.bad_samples if "train" in self.datasets else 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training cursor of every rank merged into one (Lightning saves rank 0's dict only)."""
+        if "train" not in self.datasets:
+            return {"train": self._train_state} if self._train_state else {}
+        local = self.datasets["train"].state_dict()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            states: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(states, local)
+        else:
+            states = [local]
+        return {"train": StreamCursor.merged(states)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._train_state = state_dict.get("train")
+        self.datasets.pop("train", None)
+
+
+class PreferenceDataModule(AVDataModule):
+    """The same stream over preference rows (chosen / rejected / gt and optional reference log-probs)."""
+
+    kind = "preference"
