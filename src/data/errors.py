@@ -13,7 +13,11 @@ import os
 class BadSampleError(Exception):
     """One sample cannot be used. ``path`` names the offending file, ``reason`` says why in words."""
 
-    def __init__(self, path: str | os.PathLike | None, reason: str):
+    def __init__(self, path: str | os.PathLike | None, reason: str | None = None):
+        if reason is None:
+            # One argument: a whole message. DataLoader re-raises a worker's exception as type(err)(message),
+            # which keeps the type (and the path, inside the message) in the main process.
+            path, reason = None, str(path)
         self.path = None if path is None else os.fspath(path)
         self.reason = reason
         super().__init__(f"{self.path}: {reason}" if self.path else reason)
