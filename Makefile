@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 SYNTH  := data/synthav
 SEED   ?= 0
 
-.PHONY: install test test-all data bench clean-venv
+.PHONY: install lint test test-all data bench clean-venv
 
 install: $(STAMP)
 
@@ -16,8 +16,15 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install --quiet --progress-bar off -r requirements.txt
 	touch $@
 
-# The suite CI runs (.ci/run): CPU, offline; slow and GPU tests are opt-in (make test-all, -m gpu).
+# The suite CI runs (.ci/run): lint for undefined names and unused imports (ruff's F rules; settings here, since
+# ruff does not read setup.cfg), then pytest: CPU, offline; slow and GPU tests are opt-in (make test-all, -m gpu).
+LINT := $(VENV)/bin/ruff check --quiet --select F --line-length 120 src tests bench
+
+lint: $(STAMP)
+	$(LINT)
+
 test: $(STAMP)
+	$(LINT)
 	$(PY) -m pytest -q
 
 test-all: $(STAMP)
