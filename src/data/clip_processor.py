@@ -12,13 +12,14 @@ from typing import Any
 from src.data.manifest import PreferenceRow, SFTRow
 from src.data.media import FrameSampling, load_clip
 
-TEXT_FIELDS = ("prompt", "caption", "chosen", "rejected", "gt")
+# Row fields carried into the sample as they are (those a row kind lacks are left out).
+ROW_FIELDS = ("prompt", "caption", "chosen", "rejected", "gt", "ref_chosen_logp", "ref_rejected_logp")
 
 
 @dataclass
 class ClipProcessor:
     """Row -> {"id", "frames" (t, 3, h, w) uint8 | None, "frame_times" (t,) | None, "audio" (n,) float32 | None,
-    "audio_start", "duration", texts...}; collate keeps variable-size tensors as lists."""
+    "audio_start", "duration", and the row's texts and reference log-probs}; collate keeps variable-size tensors as lists."""
 
     sampling: FrameSampling = field(default_factory=FrameSampling)
     sample_rate: int = 16_000
@@ -28,7 +29,7 @@ class ClipProcessor:
                          sample_rate=self.sample_rate)
         sample = {"id": row.id, "frames": clip.frames, "frame_times": clip.frame_times, "audio": clip.audio,
                   "audio_start": clip.audio_start, "duration": clip.duration}
-        sample.update({name: getattr(row, name) for name in TEXT_FIELDS if hasattr(row, name)})
+        sample.update({name: getattr(row, name) for name in ROW_FIELDS if hasattr(row, name)})
         return sample
 
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:

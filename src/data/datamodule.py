@@ -39,6 +39,7 @@ class AVDataModule(pl.LightningDataModule):
     Args:
         train / val / test: a manifest path or a list of Source(path, weight).
         processor: row -> sample and samples -> batch; defaults to ClipProcessor(sampling).
+        sampling: frame sampling of the default processor (a given processor carries its own).
         on_bad_sample: "skip" (report, count, quarantine, continue) or "raise".
         run_dir: where quarantine.jsonl goes; defaults to the trainer's log_dir.
     """
@@ -53,6 +54,8 @@ class AVDataModule(pl.LightningDataModule):
         self.sources = {"train": as_sources(train), "val": as_sources(val), "test": as_sources(test)}
         self.batch_size, self.num_workers = batch_size, num_workers
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
+        if processor is not None and sampling is not None:
+            raise ValueError("set frame sampling on the processor, not on the DataModule, when giving a processor")
         self.processor = processor or ClipProcessor(sampling or FrameSampling())
         self.on_bad_sample, self.run_dir, self.check_media = on_bad_sample, run_dir, check_media
         self.datasets: dict[str, StreamingDataset] = {}
