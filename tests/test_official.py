@@ -14,23 +14,9 @@ import pytest
 
 from src.data.manifest import ManifestError, ManifestErrors, read_manifest
 from src.data.official import import_official, strip_placeholders
+from tests.test_manifest import _assert_error_at, _touch
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _touch(folder: Path, *names: str) -> None:
-    for name in names:
-        (folder / name).parent.mkdir(parents=True, exist_ok=True)
-        (folder / name).touch()
-
-
-def _assert_error_at(err: ManifestError, path: Path, line: int | None, *words: str) -> None:
-    where = f"{path}:{line}: " if line is not None else f"{path}: "
-    assert isinstance(err, ManifestError)
-    assert err.line == line and err.path == str(path)
-    assert str(err).startswith(where), str(err)
-    for word in words:
-        assert word in str(err), str(err)
 
 
 # ---------------------------------------------------------------------------------------------- import_official
