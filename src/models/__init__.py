@@ -1,0 +1,1 @@
+"""Models: the audio-visual LLM, its audio front end and aligner, token layout, processor and builder."""

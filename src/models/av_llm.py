@@ -1,0 +1,205 @@
+"""AVLLM: Qwen2.5-VL (vision tower + merger + LLM) and a Whisper encoder joined by the window Q-Former.
+
+One class for every scale: a tiny base and a converted 7B base differ only in their configs and weights, and both
+load from one HF-format directory with ``AVLLM.from_pretrained(dir)`` (no network, no remote code).
+
+Forward: embed the text; put the merged visual features at the ``<|video_pad|>`` positions and the aligner's
+window embeddings at the ``<|audio_pad|>`` positions (both in sequence order); run the LLM on ``inputs_embeds``
+with the 3-D position ids the processor computed (src.models.layout). Transformers would silently fall back to
+1-D positions if we passed embeddings without them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from huggingface_hub.dataclasses import strict
+from torch import nn
+from transformers import PreTrainedConfig, PreTrainedModel, Qwen2_5_VLConfig, WhisperConfig
+from transformers.cache_utils import DynamicCache
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+from src.models.aligner import AlignerConfig, WindowQFormer, encoder_windows
+from src.models.audio import AudioSettings
+
+IGNORE_INDEX = -100
+
+
+@strict
+class AVLLMConfig(PreTrainedConfig):
+    """Every setting of the model: the Qwen2.5-VL and Whisper configs as they are, the aligner's, the audio
+    front end's (it must match the Whisper encoder's fixed input length) and the audio placeholder id."""
+
+    model_type = "av_llm"
+    sub_configs_defaults = {"qwen_config": Qwen2_5_VLConfig, "whisper_config": WhisperConfig}
+
+    qwen_config: dict | PreTrainedConfig | None = None
+    whisper_config: dict | PreTrainedConfig | None = None
+    aligner: dict | None = None
+    audio: dict | None = None
+    audio_token_id: int = -1
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        # the Qwen sub-model owns tying (3B ties, 7B does not); the wrapper must not add its own
+        self.tie_word_embeddings = False
+        self.aligner = AlignerConfig.from_dict(self.aligner or {}).to_dict()
+        self.audio = dict(vars(AudioSettings(**(self.audio or {}))))
+
+    def validate_settings(self) -> None:
+        audio = AudioSettings(**self.audio)
+        expected = 2 * self.whisper_config.max_source_positions
+        if audio.chunk_frames != expected:
+            raise ValueError(f"audio chunk of {audio.chunk_seconds} s gives {audio.chunk_frames} mel frames, but the "
+                             f"Whisper encoder takes exactly {expected} (max_source_positions x 2)")
+        if audio.n_mels != self.whisper_config.num_mel_bins:
+            raise ValueError(f"audio n_mels {audio.n_mels} != Whisper num_mel_bins {self.whisper_config.num_mel_bins}")
+        if AlignerConfig.from_dict(self.aligner).frames_per_window != audio.frames_per_window:
+            raise ValueError("aligner frames_per_window must equal the audio settings' frames_per_window")
+        if self.audio_token_id < 0:
+            raise ValueError("audio_token_id is not set: the tokenizer needs an <|audio_pad|> token")
+
+
+@dataclass
+class AVOutput:
+    """loss: mean cross-entropy over label tokens (None without labels); logits (b, s, v); cache for generation."""
+
+    loss: torch.Tensor | None
+    logits: torch.Tensor | None
+    hidden_states: torch.Tensor
+    cache: DynamicCache | None = None
+
+
+class AVLLM(PreTrainedModel):
+    config: AVLLMConfig  # transformers 5 reads the config class from this annotation
+    config_class = AVLLMConfig
+    base_model_prefix = "av"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _no_split_modules = ["Qwen2_5_VLDecoderLayer", "Qwen2_5_VLVisionBlock", "WhisperEncoderLayer"]
+
+    def __init__(self, config: AVLLMConfig):
+        super().__init__(config)
+        config.validate_settings()
+        self.qwen = Qwen2_5_VLForConditionalGeneration._from_config(config.qwen_config)
+        self.whisper = WhisperEncoder._from_config(config.whisper_config)
+        self.aligner = WindowQFormer(AlignerConfig.from_dict(config.aligner), encoder_dim=config.whisper_config.d_model,
+                                     llm_dim=config.qwen_config.text_config.hidden_size)
+        self.audio_settings = AudioSettings(**config.audio)
+        self.post_init()
+
+    # -- parts -------------------------------------------------------------------------------------------
+    @property
+    def llm(self):
+        """The decoder stack (Qwen2_5_VLTextModel): embeddings, layers, final norm."""
+        return self.qwen.model.language_model
+
+    @property
+    def visual(self):
+        return self.qwen.model.visual
+
+    @property
+    def lm_head(self) -> nn.Linear:
+        return self.qwen.lm_head
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.llm.embed_tokens
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, WindowQFormer):
+            module.reset_parameters()
+        elif not any(module is m for m in self.aligner.modules()):
+            super()._init_weights(module)
+
+    # -- encoders ----------------------------------------------------------------------------------------
+    def video_embeddings(self, pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor) -> torch.Tensor:
+        """(patches, c*tp*p*p) -> (tokens, d): merged visual tokens of every video, in order."""
+        out = self.visual(pixel_values_videos.to(self.visual.dtype), grid_thw=video_grid_thw)
+        return out.pooler_output
+
+    def audio_embeddings(self, input_features: torch.Tensor, audio_chunks: list[int],
+                         audio_windows: list[int]) -> torch.Tensor:
+        """(chunks, n_mels, frames) -> (windows, d): one token per real 0.5 s window of every audio, in order.
+
+        ``audio_chunks[i]`` Whisper chunks belong to audio i, of which the first ``audio_windows[i]`` windows are
+        real; windows over the zero padding of the last chunk are dropped here.
+        """
+        frames = self.whisper(input_features.to(self.whisper.dtype)).last_hidden_state
+        per_audio = torch.split(frames, list(audio_chunks))
+        fpw = self.audio_settings.frames_per_window
+        windows = torch.cat([encoder_windows(f, n, fpw) for f, n in zip(per_audio, audio_windows)])
+        return self.aligner(windows.to(next(self.aligner.parameters()).dtype))
+
+    def embed(self, input_ids: torch.Tensor, pixel_values_videos: torch.Tensor | None = None,
+              video_grid_thw: torch.Tensor | None = None, input_features: torch.Tensor | None = None,
+              audio_chunks: list[int] | None = None, audio_windows: list[int] | None = None) -> torch.Tensor:
+        """(b, s) ids -> (b, s, d) embeddings with the media features scattered in."""
+        embeds = self.get_input_embeddings()(input_ids)
+        if pixel_values_videos is not None:
+            embeds = self._scatter(embeds, input_ids, self.config.qwen_config.video_token_id,
+                                   self.video_embeddings(pixel_values_videos, video_grid_thw), "video")
+        if input_features is not None and sum(audio_windows):
+            embeds = self._scatter(embeds, input_ids, self.config.audio_token_id,
+                                   self.audio_embeddings(input_features, audio_chunks, audio_windows), "audio")
+        return embeds
+
+    @staticmethod
+    def _scatter(embeds: torch.Tensor, input_ids: torch.Tensor, token_id: int, features: torch.Tensor,
+                 what: str) -> torch.Tensor:
+        mask = input_ids == token_id
+        if int(mask.sum()) != features.shape[0]:
+            raise ValueError(f"{int(mask.sum())} {what} placeholder tokens but {features.shape[0]} {what} features: "
+                             "the processor's layout and the model's encoders disagree")
+        return embeds.masked_scatter(mask.unsqueeze(-1), features.to(embeds.dtype))
+
+    # -- forward -----------------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, pixel_values_videos: torch.Tensor | None = None,
+                video_grid_thw: torch.Tensor | None = None, input_features: torch.Tensor | None = None,
+                audio_chunks: list[int] | None = None, audio_windows: list[int] | None = None,
+                inputs_embeds: torch.Tensor | None = None, cache: DynamicCache | None = None,
+                use_cache: bool = False, return_logits: bool = True, **_: object) -> AVOutput:
+        """position_ids (3, b, s) from the processor. loss = mean CE over tokens whose label is not -100
+        (labels are the input ids, shifted here)."""
+        if position_ids is None or position_ids.dim() != 3 or position_ids.shape[0] != 3:
+            raise ValueError("AVLLM needs 3-D position_ids (3, b, s) from the processor; 1-D positions would "
+                             "silently drop the time axis of M-RoPE")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed(input_ids, pixel_values_videos, video_grid_thw, input_features, audio_chunks,
+                                       audio_windows)
+        out = self.llm(inputs_embeds=inputs_embeds, position_ids=position_ids, attention_mask=attention_mask,
+                       cache=cache, use_cache=use_cache)
+        hidden = out.last_hidden_state
+        logits = self.lm_head(hidden) if return_logits or labels is not None else None
+        loss = None if labels is None else causal_lm_loss(logits, labels)
+        return AVOutput(loss=loss, logits=logits if return_logits else None, hidden_states=hidden, cache=out.cache)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over labelled positions. logits (b, s, v), labels (b, s) with -100 ignored."""
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    if not (shift_labels != IGNORE_INDEX).any():
+        return shift_logits.sum() * 0.0  # no response token: a zero that keeps the graph
+    return F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                           ignore_index=IGNORE_INDEX)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def parameter_summary(model: AVLLM) -> dict[str, int]:
+    """Parameters per part (the tied LM head counted once)."""
+    parts = {"vision": model.visual, "llm": model.llm, "whisper": model.whisper, "aligner": model.aligner}
+    out = {name: count_parameters(m) for name, m in parts.items()}
+    if model.lm_head.weight is not model.get_input_embeddings().weight:
+        out["lm_head"] = model.lm_head.weight.numel()
+    out["total"] = sum(out.values())
+    return out
+

@@ -1,0 +1,211 @@
+"""AVProcessor: (clip or row, prompt, optional target) -> model inputs, and samples -> a padded batch.
+
+It owns everything between the media file and the model: frame sampling (interval, min/max frames, pixel
+budget), Qwen2.5-VL's patch layout and normalisation, Whisper log-mel chunks and the count of real 0.5 s audio
+windows, the chat template, the token layout of the media span and its 3-D positions, and the label mask (only the
+response is learned). Its settings are saved next to the model (av_processor.json) and restored with it, so a
+checkpoint always decodes its inputs the way it was trained.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+
+from src.data.media import AVClip, FrameSampling, load_clip
+from src.models.audio import AudioSettings, log_mel_chunks, num_windows
+from src.models.layout import AVLayout, VideoGrid, sequence_positions, span_token_types
+from src.models.tokenizer import DEFAULT_SYSTEM, chat_ids, special_ids
+
+PROCESSOR_FILE = "av_processor.json"
+IGNORE_INDEX = -100
+DEFAULT_PROMPT = "Describe this video in detail: what is seen and what is heard, in the order it happens."
+# OpenAI CLIP statistics, as Qwen2.5-VL's image processor uses
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class VisionSettings:
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    image_mean: tuple[float, float, float] = CLIP_MEAN
+    image_std: tuple[float, float, float] = CLIP_STD
+
+
+@dataclass(frozen=True)
+class ProcessorSettings:
+    sampling: FrameSampling = field(default_factory=FrameSampling)
+    audio: AudioSettings = field(default_factory=AudioSettings)
+    vision: VisionSettings = field(default_factory=VisionSettings)
+    prompt: str = DEFAULT_PROMPT
+    system: str | None = DEFAULT_SYSTEM
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ProcessorSettings:
+        vision = dict(data.get("vision", {}))
+        for key in ("image_mean", "image_std"):
+            if key in vision:
+                vision[key] = tuple(vision[key])
+        return cls(sampling=FrameSampling(**data.get("sampling", {})), audio=AudioSettings(**data.get("audio", {})),
+                   vision=VisionSettings(**vision), prompt=data.get("prompt", DEFAULT_PROMPT),
+                   system=data.get("system", DEFAULT_SYSTEM))
+
+
+def patchify(frames: torch.Tensor, vision: VisionSettings) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """(t, 3, h, w) uint8 -> ((grid_t*grid_h*grid_w, 3*tp*p*p) float32 patches, (grid_t, grid_h, grid_w)).
+
+    Qwen2.5-VL's layout: normalised with CLIP statistics, an odd frame count padded by repeating the last frame,
+    patches ordered so that each 2x2 merge group is contiguous.
+    """
+    p, tp, m = vision.patch_size, vision.temporal_patch_size, vision.merge_size
+    t, c, h, w = frames.shape
+    if h % (p * m) or w % (p * m):
+        raise ValueError(f"frame size {h}x{w} is not a multiple of {p * m}: decode with FrameSampling(multiple=28)")
+    mean = torch.tensor(vision.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(vision.image_std).view(1, 3, 1, 1)
+    x = (frames.float() / 255.0 - mean) / std
+    if t % tp:
+        x = torch.cat([x, x[-1:].expand(tp - t % tp, -1, -1, -1)])
+    gt, gh, gw = x.shape[0] // tp, h // p, w // p
+    x = x.reshape(gt, tp, c, gh // m, m, p, gw // m, m, p).permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    return x.reshape(gt * gh * gw, c * tp * p * p), (gt, gh, gw)
+
+
+class AVProcessor:
+    """Callable on a manifest row (for the streaming DataModule) or on a decoded clip (``encode``)."""
+
+    def __init__(self, tokenizer, settings: ProcessorSettings | None = None):
+        self.tokenizer = tokenizer
+        self.settings = settings or ProcessorSettings()
+        ids = special_ids(tokenizer)
+        self.video_token_id, self.audio_token_id = ids["<|video_pad|>"], ids["<|audio_pad|>"]
+        self.eos_token_id, self.pad_token_id = ids["<|im_end|>"], ids["<|endoftext|>"]
+        merge = self.settings.vision.patch_size * self.settings.vision.merge_size
+        if self.settings.sampling.multiple % merge:
+            raise ValueError(f"frame sides must be multiples of {merge} (patch x merge), "
+                             f"sampling.multiple is {self.settings.sampling.multiple}")
+
+    # -- media -------------------------------------------------------------------------------------------
+    def video_inputs(self, frames: torch.Tensor, frame_times: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                       VideoGrid]:
+        """Patches (n, d), grid_thw (3,) and the layout's VideoGrid (start time of each temporal grid)."""
+        pixels, (gt, gh, gw) = patchify(frames, self.settings.vision)
+        tp, m = self.settings.vision.temporal_patch_size, self.settings.vision.merge_size
+        times = tuple(float(frame_times[min(g * tp, len(frame_times) - 1)]) for g in range(gt))
+        return pixels, torch.tensor([gt, gh, gw]), VideoGrid(t=gt, h=gh // m, w=gw // m, times=times)
+
+    def audio_inputs(self, audio: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """(n,) 16 kHz mono -> Whisper log-mel chunks (c, n_mels, frames) and the number of real 0.5 s windows."""
+        if audio.numel() == 0:
+            raise ValueError("empty audio: pass None for a clip without audio")
+        return log_mel_chunks(audio, self.settings.audio), num_windows(audio.numel(), self.settings.audio)
+
+    # -- one sample --------------------------------------------------------------------------------------
+    def encode(self, clip: AVClip | None, prompt: str | None = None, response: str | None = None) -> dict[str, Any]:
+        """Model inputs of one sample. labels are -100 except the response and its end token."""
+        sample: dict[str, Any] = {"pixel_values_videos": None, "video_grid_thw": None, "input_features": None,
+                                  "audio_windows": 0}
+        grid = None
+        if clip is not None and clip.frames is not None:
+            sample["pixel_values_videos"], sample["video_grid_thw"], grid = self.video_inputs(clip.frames,
+                                                                                              clip.frame_times)
+        if clip is not None and clip.audio is not None and clip.audio.numel():
+            sample["input_features"], sample["audio_windows"] = self.audio_inputs(clip.audio)
+        spans = []
+        span_ids: list[int] = []
+        if grid is not None or sample["audio_windows"]:
+            layout = AVLayout(video=grid, audio_windows=sample["audio_windows"],
+                              audio_start=clip.audio_start if sample["audio_windows"] else 0.0)
+            types = span_token_types(layout)
+            span_ids = torch.where(types == 1, self.video_token_id, self.audio_token_id).tolist()
+            spans.append(layout)
+        ids, response_start, _ = chat_ids(self.tokenizer, prompt or self.settings.prompt, system=self.settings.system,
+                                          span=span_ids, response=response)
+        input_ids = torch.tensor(ids, dtype=torch.long)
+        positions, rope_delta = sequence_positions(input_ids, spans, video_token_id=self.video_token_id,
+                                                   audio_token_id=self.audio_token_id)
+        labels = input_ids.clone()
+        labels[:response_start] = IGNORE_INDEX
+        if response is None:
+            labels[:] = IGNORE_INDEX
+        sample.update(input_ids=input_ids, labels=labels, position_ids=positions, rope_delta=rope_delta,
+                      response_start=response_start)
+        return sample
+
+    def __call__(self, row) -> dict[str, Any]:
+        """A manifest row -> decoded, encoded sample (runs in DataLoader workers; media errors propagate as
+        BadSampleError for the stream to quarantine)."""
+        clip = load_clip(row.video, row.audio, sampling=self.settings.sampling, use_audio=row.use_audio,
+                         sample_rate=self.settings.audio.sample_rate)
+        sample = self.encode(clip, row.prompt, getattr(row, "caption", None))
+        sample["id"] = row.id
+        return sample
+
+    # -- batches -----------------------------------------------------------------------------------------
+    def collate(self, samples: list[dict[str, Any]], padding_side: str = "right") -> dict[str, Any]:
+        """Pad to the longest sample. Padding: pad id, label -100, attention 0, position 1 (never attended).
+        Media tensors are concatenated in sample order, which is the order of their placeholders."""
+        length = max(s["input_ids"].numel() for s in samples)
+        b = len(samples)
+        input_ids = torch.full((b, length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((b, length), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((b, length), dtype=torch.long)
+        position_ids = torch.ones((3, b, length), dtype=torch.long)
+        for i, s in enumerate(samples):
+            n = s["input_ids"].numel()
+            cols = slice(length - n, length) if padding_side == "left" else slice(0, n)
+            input_ids[i, cols], labels[i, cols], attention_mask[i, cols] = s["input_ids"], s["labels"], 1
+            position_ids[:, i, cols] = s["position_ids"]
+        batch: dict[str, Any] = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
+                                 "position_ids": position_ids,
+                                 "rope_deltas": torch.tensor([s["rope_delta"] for s in samples])}
+        videos = [s for s in samples if s["pixel_values_videos"] is not None]
+        if videos:
+            batch["pixel_values_videos"] = torch.cat([s["pixel_values_videos"] for s in videos])
+            batch["video_grid_thw"] = torch.stack([s["video_grid_thw"] for s in videos])
+        audios = [s for s in samples if s["audio_windows"]]
+        if audios:
+            batch["input_features"] = torch.cat([s["input_features"] for s in audios])
+            batch["audio_chunks"] = [s["input_features"].shape[0] for s in audios]
+            batch["audio_windows"] = [s["audio_windows"] for s in audios]
+        for key in ("id",):
+            if key in samples[0]:
+                batch[key] = [s[key] for s in samples]
+        return batch
+
+    # -- persistence -------------------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(directory)
+        (directory / PROCESSOR_FILE).write_text(json.dumps(self.settings.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> AVProcessor:
+        directory = Path(directory)
+        path = directory / PROCESSOR_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no processor settings (is {directory} a directory written by "
+                                    "src.models.build?)")
+        return cls(load_tokenizer(directory), ProcessorSettings.from_dict(json.loads(path.read_text())))
+
+
+def load_tokenizer(directory: Path):
+    """The tokenizer class named in tokenizer_config.json (a transformers class, never remote code). Not
+    AutoTokenizer: it would read config.json first, whose model_type (av_llm) it does not know."""
+    name = json.loads((directory / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    tokenizer_class = getattr(transformers, name or "", None)
+    if tokenizer_class is None:
+        return transformers.AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
+    return tokenizer_class.from_pretrained(directory)
