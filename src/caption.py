@@ -2,6 +2,10 @@
 
     python -m src.caption --ckpt checkpoints/sft/final clip.mp4 [more.mp4 ...] [--prompt P] [--max-new-tokens N]
         [--sample --temperature T --top-p P --num-samples K] [--batch-size B] [--seed S] [--json]
+    python -m src.caption --ckpt CKPT --manifest TRAIN.jsonl --write-manifest CAPTIONS.jsonl   # for rebirth tuning
+
+With --manifest the clips are a manifest's rows (their prompts, audio files and use_audio honoured);
+--write-manifest writes those rows back as an SFT manifest whose captions are the generated ones.
 
 Plain output: ``path<TAB>caption`` per line (whitespace runs in the caption, newlines included, become one
 space); --json (the caption as generated): one JSON object per caption with the sample index, its summed
@@ -12,6 +16,7 @@ reported on stderr with its path and reason, the others are still captioned, and
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Iterable, Iterator, Sequence
@@ -58,24 +63,43 @@ def caption_jobs(model, processor, jobs: Sequence[CaptionJob], settings: Generat
                    "logp": float(out.logps[row]), "tokens": int(out.lengths[row]), "finished": bool(out.finished[row])}
 
 
+def prompt_sample(processor, video: str | None, audio: str | None = None, *, use_audio: bool = True,
+                  prompt: str | None = None) -> dict:
+    """Decode a clip with the processor's settings and encode it as a prompt (no response) for generation."""
+    clip = load_clip(video, audio, sampling=processor.settings.sampling, use_audio=use_audio,
+                     sample_rate=processor.settings.audio.sample_rate)
+    return processor.encode(clip, prompt)
+
+
 def clip_jobs(processor, paths: Iterable[str], prompt: str | None, errors: list[str]) -> list[CaptionJob]:
     """Decode and encode each clip; unreadable ones go to ``errors`` as "path: reason"."""
     jobs = []
     for path in paths:
         try:
-            clip = load_clip(path, sampling=processor.settings.sampling,
-                             sample_rate=processor.settings.audio.sample_rate)
+            jobs.append(CaptionJob(path, prompt_sample(processor, path, prompt=prompt)))
         except BadSampleError as err:
             errors.append(str(err))
-            continue
-        jobs.append(CaptionJob(path, processor.encode(clip, prompt)))
+    return jobs
+
+
+def row_jobs(processor, rows, prompt: str | None, errors: list[str]) -> list[CaptionJob]:
+    """Manifest rows -> jobs keyed by row id; unreadable rows go to ``errors`` as "file:line: path: reason"."""
+    jobs = []
+    for row in rows:
+        try:
+            jobs.append(CaptionJob(row.id, prompt_sample(processor, row.video, row.audio, use_audio=row.use_audio,
+                                                         prompt=prompt or row.prompt)))
+        except BadSampleError as err:
+            errors.append(f"{row.source}: {err}")
     return jobs
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="model directory (src.models.build or a training export)")
-    parser.add_argument("clips", nargs="+", help="video (or audio-only) files")
+    parser.add_argument("clips", nargs="*", help="video (or audio-only) files")
+    parser.add_argument("--manifest", help="caption the rows of this manifest instead of (or besides) the clips")
+    parser.add_argument("--write-manifest", help="write the rows with their generated captions (needs --manifest)")
     parser.add_argument("--prompt", default=None, help="default: the checkpoint's processor prompt")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
@@ -89,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.num_samples > 1 and not args.sample:
         parser.error("--num-samples > 1 needs --sample (greedy decoding gives one caption)")
+    if not args.clips and not args.manifest:
+        parser.error("give clips or --manifest")
+    if args.write_manifest and (not args.manifest or args.num_samples != 1):
+        parser.error("--write-manifest needs --manifest and one sample per clip")
 
     from src.models.build import load_base  # heavy import after argument errors
 
@@ -96,15 +124,29 @@ def main(argv: list[str] | None = None) -> int:
     model.to(args.device)
     errors: list[str] = []
     jobs = clip_jobs(processor, args.clips, args.prompt, errors)
+    rows = {}
+    if args.manifest:
+        from src.data.manifest import read_manifest
+
+        rows = {row.id: row for row in read_manifest(args.manifest, "sft")}
+        jobs += row_jobs(processor, rows.values(), args.prompt, errors)
+    captions: dict[str, str] = {}
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                                   temperature=args.temperature, top_p=args.top_p)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     for result in caption_jobs(model, processor, jobs, settings, num_samples=args.num_samples,
                                batch_size=args.batch_size, generator=generator):
+        captions[result["key"]] = result["caption"]
         if args.json:
             print(json.dumps({"video": result.pop("key"), **result}, ensure_ascii=False), flush=True)
         else:
             print(f"{result['key']}\t{' '.join(result['caption'].split())}", flush=True)
+    if args.write_manifest:
+        from src.data.manifest import write_manifest
+
+        written = [dataclasses.replace(row, caption=captions[key]) for key, row in rows.items() if key in captions]
+        write_manifest(args.write_manifest, written)
+        print(f"wrote {len(written)} rows to {args.write_manifest}", file=sys.stderr)
     for error in errors:
         print(f"error: {error}", file=sys.stderr)
     return 1 if errors else 0

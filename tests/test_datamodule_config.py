@@ -38,7 +38,7 @@ def test_processor_is_pluggable_by_class_path(synthav):
 
 
 def test_processor_and_sampling_together_is_an_error(synthav):
-    with pytest.raises(ValueError, match="on the processor"):
+    with pytest.raises(ValueError, match="at most one of processor"):
         AVDataModule(f"{synthav}/train.jsonl", processor=ClipProcessor(), sampling=FrameSampling())
 
 

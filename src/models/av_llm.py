@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel, Qwen2_5_VLConfig, WhisperConfig
@@ -23,9 +22,8 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLForCond
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from src.models.aligner import AlignerConfig, WindowQFormer, encoder_windows
+from src.losses.logprobs import mean_response_ce
 from src.models.audio import AudioSettings
-
-IGNORE_INDEX = -100
 
 
 @strict
@@ -66,7 +64,8 @@ class AVLLMConfig(PreTrainedConfig):
 
 @dataclass
 class AVOutput:
-    """loss: mean cross-entropy over label tokens (None without labels); logits (b, s, v); cache for generation."""
+    """loss: the SFT loss, mean over examples of each one's mean response-token CE (None without labels);
+    logits (b, s, v); hidden_states (b, s, d); cache for generation."""
 
     loss: torch.Tensor | None
     logits: torch.Tensor | None
@@ -164,8 +163,8 @@ class AVLLM(PreTrainedModel):
                 audio_chunks: list[int] | None = None, audio_windows: list[int] | None = None,
                 inputs_embeds: torch.Tensor | None = None, cache: DynamicCache | None = None,
                 use_cache: bool = False, return_logits: bool = True, **_: object) -> AVOutput:
-        """position_ids (3, b, s) from the processor. loss = mean CE over tokens whose label is not -100
-        (labels are the input ids, shifted here)."""
+        """position_ids (3, b, s) from the processor; labels (b, s) are the input ids with -100 outside the
+        response (shifted inside the loss)."""
         if position_ids is None or position_ids.dim() != 3 or position_ids.shape[0] != 3:
             raise ValueError("AVLLM needs 3-D position_ids (3, b, s) from the processor; 1-D positions would "
                              "silently drop the time axis of M-RoPE")
@@ -176,18 +175,8 @@ class AVLLM(PreTrainedModel):
                        cache=cache, use_cache=use_cache)
         hidden = out.last_hidden_state
         logits = self.lm_head(hidden) if return_logits or labels is not None else None
-        loss = None if labels is None else causal_lm_loss(logits, labels)
+        loss = None if labels is None else mean_response_ce(logits, labels)
         return AVOutput(loss=loss, logits=logits if return_logits else None, hidden_states=hidden, cache=out.cache)
-
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over labelled positions. logits (b, s, v), labels (b, s) with -100 ignored."""
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:]
-    if not (shift_labels != IGNORE_INDEX).any():
-        return shift_logits.sum() * 0.0  # no response token: a zero that keeps the graph
-    return F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-                           ignore_index=IGNORE_INDEX)
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -1,0 +1,144 @@
+"""SFTModule: supervised fine-tuning of the AV LLM in three stages.
+
+- ``align``: the aligner learns to speak for Whisper (audio-only data); everything else frozen, no LoRA.
+- ``sft``: LoRA on the LLM's q/k/v + aligner + visual merger, on audio-visual captions.
+- ``rebirth``: the same trainable set, on captions another checkpoint wrote (a manifest from the caption CLI or
+  the rollout), to keep a base's general skills after MrDPO.
+
+``trainable`` overrides a stage's set; it names parts from TRAINABLE_PARTS ("llm" = the whole decoder, used by the
+embedded default whose tiny base starts from random weights). Loss: per-example mean cross-entropy over response
+tokens, averaged over the batch (src.losses.logprobs.mean_response_ce). AdamW, linear warm-up then cosine decay
+over the run's optimizer steps. Logs train/loss, train/lr, train/tokens_per_s, train/grad_norm, val/loss.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+
+from src.models.build import load_base
+from src.models.lora import LoraSettings, attach_lora
+
+Stage = Literal["align", "sft", "rebirth"]
+TRAINABLE_PARTS = ("lora", "aligner", "merger", "llm", "vision", "whisper")
+STAGE_TRAINABLE: dict[str, tuple[str, ...]] = {
+    "align": ("aligner",),
+    "sft": ("lora", "aligner", "merger"),
+    "rebirth": ("lora", "aligner", "merger"),
+}
+MODEL_INPUTS = ("input_ids", "labels", "attention_mask", "position_ids", "pixel_values_videos", "video_grid_thw",
+                "input_features", "audio_chunks", "audio_windows")
+
+
+@dataclass
+class OptimSettings:
+    """AdamW and the schedule: linear warm-up over warmup_ratio of the steps, cosine down to min_lr_ratio x lr."""
+
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.0
+
+
+def warmup_cosine(step: int, total: int, warmup_ratio: float, min_ratio: float) -> float:
+    """LR multiplier at optimizer step ``step`` of ``total``: (step+1)/warmup during warm-up, then cosine."""
+    warmup = max(1, math.ceil(warmup_ratio * total))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def set_trainable(model, parts: tuple[str, ...]) -> None:
+    """Freeze everything, then unfreeze the named parts (LoRA parameters are handled by attach_lora)."""
+    unknown = set(parts) - set(TRAINABLE_PARTS)
+    if unknown:
+        raise ValueError(f"unknown trainable parts {sorted(unknown)}; choose from {TRAINABLE_PARTS}")
+    model.requires_grad_(False)
+    modules = {"aligner": [model.aligner], "merger": [model.visual.merger], "llm": [model.llm, model.lm_head],
+               "vision": [model.visual], "whisper": [model.whisper]}
+    for part in parts:
+        for module in modules.get(part, []):
+            module.requires_grad_(True)
+
+
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+
+
+class SFTModule(pl.LightningModule):
+    def __init__(self, base: str, stage: Stage = "sft", trainable: list[str] | None = None,
+                 lora: LoraSettings = LoraSettings(), lr: float = 2e-5, optim: OptimSettings = OptimSettings(),
+                 activation_checkpointing: bool = False):
+        super().__init__()
+        if stage not in STAGE_TRAINABLE:
+            raise ValueError(f"stage must be one of {tuple(STAGE_TRAINABLE)}, got {stage!r}")
+        self.save_hyperparameters()
+        self.base, self.stage, self.lr = base, stage, lr
+        self.lora = lora if isinstance(lora, LoraSettings) else LoraSettings()
+        self.optim = optim if isinstance(optim, OptimSettings) else OptimSettings()
+        self.trainable = tuple(trainable) if trainable is not None else STAGE_TRAINABLE[stage]
+        self.activation_checkpointing = activation_checkpointing
+        self.model = None
+        self.processor = None
+        self._step_started: float | None = None
+
+    # -- model ---------------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Load the base and set the trainable parameters; under ModelParallelStrategy shard it with FSDP2."""
+        if self.model is not None:
+            return
+        model, self.processor = load_base(self.base)
+        model.train()  # from_pretrained returns eval mode; LoRA dropout and any dropout must be live
+        set_trainable(model, self.trainable)
+        if "lora" in self.trainable:
+            attach_lora(model, self.lora)
+        if self.activation_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model = model
+        if getattr(self, "device_mesh", None) is not None:  # ModelParallelStrategy: FSDP2
+            from src.models.sharding import shard_model
+
+            bf16 = str(self.trainer.precision).startswith("bf16")
+            shard_model(self.model, self.device_mesh, param_dtype=torch.bfloat16 if bf16 else None)
+
+    def forward(self, batch: dict[str, Any]):
+        return self.model(**model_inputs(batch))
+
+    # -- steps ---------------------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self(batch).loss
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        now = time.perf_counter()
+        if self._step_started is not None:
+            tokens = float(batch["attention_mask"].sum())
+            self.log("train/tokens_per_s", tokens / max(now - self._step_started, 1e-9), prog_bar=True)
+        self._step_started = now
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.log("val/loss", self(batch).loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+            self.log("train/grad_norm", norm)
+        self.log("train/lr", optimizer.param_groups[0]["lr"])
+
+    # -- optimisation --------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError(f"stage {self.stage!r} with trainable {self.trainable} leaves nothing to train")
+        optimizer = torch.optim.AdamW(params, lr=self.lr, betas=tuple(self.optim.betas),
+                                      weight_decay=self.optim.weight_decay)
+        total = int(self.trainer.estimated_stepping_batches)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, total, self.optim.warmup_ratio, self.optim.min_lr_ratio))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -1,0 +1,181 @@
+"""`python -m src.fit` on the tiny base: recipes instantiate, overrides reach nested settings with their types,
+accumulation is exact, a resumed run repeats the uninterrupted one, and the export loads."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import lightning.pytorch as pl
+import torch
+import yaml
+
+from src import fit
+from src.lit.sft import SFTModule, warmup_cosine
+from src.models.build import build_tiny, load_base
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted(ROOT.glob("recipes/**/*.yaml"))
+SFT_RECIPE = ROOT / "recipes" / "sft.yaml"
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    return build_tiny(tmp_path_factory.mktemp("tiny-base"), tokenizer_texts=300)
+
+
+def tiny_overrides(base, synthav, **trainer) -> list[str]:
+    settings = {"accelerator": "cpu", "devices": 1, "strategy": "auto", "precision": "32-true", "max_steps": 2,
+                "log_every_n_steps": 1, "enable_progress_bar": False, **trainer}
+    return ([f"--model.init_args.base={base}", f"--data.init_args.train={synthav}/train.jsonl",
+             f"--data.init_args.base={base}", "--data.init_args.num_workers=0", "--data.init_args.batch_size=2"]
+            + [f"--trainer.{k}={v}" for k, v in settings.items()])
+
+
+def instantiate(recipe, overrides) -> fit.FitCLI:
+    return fit.FitCLI(args=fit.recipe_args(["--recipe", str(recipe), *overrides]), run=False,
+                      parser_kwargs={"parser_mode": "omegaconf"}, save_config_kwargs={"overwrite": True},
+                      subclass_mode_model=True, subclass_mode_data=True)
+
+
+def test_there_are_recipes_and_each_opens_with_its_command():
+    assert len(RECIPES) >= 3
+    for recipe in RECIPES:
+        command = f"# python -m src.fit --recipe {recipe.relative_to(ROOT)}"
+        assert recipe.read_text().splitlines()[0].startswith(command), recipe
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(p.parents[1])))
+def test_every_recipe_instantiates_with_tiny_overrides(recipe, tiny_base, synthav, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = instantiate(recipe, tiny_overrides(tiny_base, synthav))
+    assert isinstance(cli.model, SFTModule) and cli.trainer.max_steps == 2
+
+
+def test_nested_overrides_arrive_typed(tiny_base, synthav, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = instantiate(SFT_RECIPE, tiny_overrides(tiny_base, synthav) + [
+        "--model.init_args.lr=1e-5", "--model.init_args.lora.r=8", "--model.init_args.optim.warmup_ratio=0.25",
+        "--data.init_args.batch_size=4"])
+    assert cli.model.lr == 1e-5 and isinstance(cli.model.lr, float)
+    assert cli.model.lora.r == 8 and isinstance(cli.model.lora.r, int)
+    assert cli.model.optim.warmup_ratio == 0.25 and cli.datamodule.batch_size == 4
+
+
+class StopAfter(pl.Callback):
+    """Ends training after optimizer step ``step``, as a crash there would (the schedule is still the full run's)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+def sft_recipe_copy(folder: Path, stop_after: int | None = None) -> Path:
+    """sft.yaml with a checkpoint every step and a CSV logger (and a StopAfter), written in ``folder``."""
+    recipe = yaml.safe_load(SFT_RECIPE.read_text())
+    if stop_after is not None:
+        recipe["trainer"]["callbacks"].append({"class_path": "tests.test_fit.StopAfter",
+                                               "init_args": {"step": stop_after}})
+    recipe["trainer"]["logger"] = {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                                   "init_args": {"save_dir": "logs", "name": "run"}}
+    for callback in recipe["trainer"]["callbacks"]:
+        if callback["class_path"].endswith("ModelCheckpoint"):
+            callback["init_args"]["every_n_train_steps"] = 1
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def run_fit(base, synthav, root: Path, monkeypatch, *extra: str, stop_after: int | None = None) -> list[float]:
+    """Fit in ``root`` (relative outputs land there); returns train/loss per logged step."""
+    root.mkdir(parents=True, exist_ok=True)
+    monkeypatch.chdir(root)
+    overrides = tiny_overrides(base, synthav) + ["--data.init_args.shuffle_buffer=16", *extra]
+    fit.main(["--recipe", str(sft_recipe_copy(root, stop_after)), *overrides])
+    newest = max(root.glob("logs/**/metrics.csv"), key=lambda p: p.stat().st_mtime)
+    rows = list(csv.DictReader(open(newest)))
+    return [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+
+
+def final_weights(root: Path) -> dict[str, torch.Tensor]:
+    model, _ = load_base(root / "checkpoints" / "sft" / "final")
+    return model.state_dict()
+
+
+@pytest.mark.slow
+def test_micro_batch_4_equals_micro_batch_1_times_accumulation_4(tiny_base, synthav, tmp_path, monkeypatch):
+    run_fit(tiny_base, synthav, tmp_path / "b4", monkeypatch, "--data.init_args.batch_size=4",
+            "--trainer.max_steps=3")
+    run_fit(tiny_base, synthav, tmp_path / "b1", monkeypatch, "--data.init_args.batch_size=1",
+            "--trainer.max_steps=3", "--trainer.accumulate_grad_batches=4")
+    a, b = final_weights(tmp_path / "b4"), final_weights(tmp_path / "b1")
+    # atol 5e-5: k_proj.bias has an exactly-zero true gradient (softmax ignores a shift shared by all keys), so
+    # Adam turns float noise (~1e-10) into updates of up to ~1e-5; every other tensor agrees to 1e-5
+    bad = {k: (a[k] - b[k]).abs().max().item() for k in a if not torch.allclose(a[k], b[k], atol=5e-5, rtol=1e-4)}
+    assert not bad, sorted(bad.items(), key=lambda kv: -kv[1])[:10]
+
+
+def test_warmup_cosine_schedule_by_hand():
+    """10 steps, warm-up 20% = 2 steps: 1/2, 2/2, then cosine from 1 to 0 over the remaining 8 steps."""
+    values = [warmup_cosine(s, 10, 0.2, 0.0) for s in range(10)]
+    assert values[:3] == [0.5, 1.0, 1.0]
+    assert values[6] == pytest.approx(0.5) and values[-1] == pytest.approx(0.5 * (1 + torch.cos(torch.tensor(
+        7 / 8 * torch.pi)).item()))
+
+
+def test_resume_after_step_2_repeats_the_uninterrupted_run(tiny_base, synthav, tmp_path, monkeypatch):
+    full = run_fit(tiny_base, synthav, tmp_path / "full", monkeypatch, "--trainer.max_steps=4")
+    head = run_fit(tiny_base, synthav, tmp_path / "part", monkeypatch, "--trainer.max_steps=4", stop_after=2)
+    ckpt = tmp_path / "part" / "checkpoints" / "sft" / "ckpts" / "last.ckpt"
+    tail = run_fit(tiny_base, synthav, tmp_path / "part", monkeypatch, "--trainer.max_steps=4", f"--resume={ckpt}")
+    assert len(full) == 4 and head == full[:2]
+    assert tail[-2:] == pytest.approx(full[2:], abs=1e-6)
+    a, b = final_weights(tmp_path / "full"), final_weights(tmp_path / "part")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_export_loads_and_captions(tiny_base, synthav, tmp_path, monkeypatch):
+    from src.evaluate import evaluate
+
+    run_fit(tiny_base, synthav, tmp_path, monkeypatch, "--trainer.max_steps=1")
+    model, processor = load_base(tmp_path / "checkpoints" / "sft" / "final")
+    result = evaluate(model, processor, str(synthav / "test.jsonl"), max_new_tokens=4, out=tmp_path / "eval")
+    assert result["n_clips"] == 2 and result["eer"] >= 0
+    assert set(result) == {"miss", "incorrect", "hallucination", "eer", "repetition", "n_clips", "judge"}
+
+
+def fit_subprocess(root: Path, recipe: Path, overrides: list[str], timeout: int = 300) -> None:
+    """Run `python -m src.fit` as its own process (multi-process strategies re-launch their script: never inside
+    pytest), in ``root``."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "src.fit", "--recipe", str(recipe), *overrides], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+@pytest.mark.slow
+def test_fsdp2_on_two_cpu_processes_matches_one_process(tiny_base, synthav, tmp_path):
+    """2 ranks x micro-batch 1 under FSDP2 (gloo) == 1 process x micro-batch 2: the same two samples per step
+    (rank r takes the stream's positions r, r+2, ...), the same per-example mean loss, the same update."""
+    common = tiny_overrides(tiny_base, synthav) + ["--data.init_args.shuffle_buffer=0", "--trainer.max_steps=2"]
+    single, sharded = tmp_path / "single", tmp_path / "fsdp2"
+    for root in (single, sharded):
+        root.mkdir()
+        sft_recipe_copy(root)
+    fit_subprocess(single, single / "recipe.yaml", common + ["--data.init_args.batch_size=2"])
+    fit_subprocess(sharded, sharded / "recipe.yaml", common + [
+        "--data.init_args.batch_size=1", "--trainer.devices=2",
+        "--trainer.strategy=lightning.pytorch.strategies.ModelParallelStrategy",
+        "--trainer.strategy.data_parallel_size=2", "--trainer.strategy.tensor_parallel_size=1"])
+    a, b = final_weights(single), final_weights(sharded)
+    assert a.keys() == b.keys()
+    bad = {k: (a[k] - b[k]).abs().max().item() for k in a if not torch.allclose(a[k], b[k], atol=5e-5, rtol=1e-4)}
+    assert not bad, sorted(bad.items(), key=lambda kv: -kv[1])[:10]
