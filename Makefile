@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 SYNTH  := data/synthav
 SEED   ?= 0
 
-.PHONY: install lint test test-all data bench clean-venv
+.PHONY: install lint test test-all data base sft bench clean-venv
 
 install: $(STAMP)
 
@@ -31,10 +31,22 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q -m "not gpu"
 
 # SynthAV, the embedded default data set (DESIGN section 6): 2,000 / 200 / 200 clips.
-data: $(SYNTH)/train.jsonl
+data: $(SYNTH)/train_audio.jsonl
 
-$(SYNTH)/train.jsonl: | $(STAMP)
+$(SYNTH)/train_audio.jsonl: | $(STAMP)
 	$(PY) -m src.data.synth --out $(SYNTH) --train 2000 --val 200 --test 200 --seed $(SEED)
+
+# The tiny random base of the embedded default.
+base: checkpoints/tiny-base/config.json
+
+checkpoints/tiny-base/config.json: | $(STAMP)
+	$(PY) -m src.models.build --tiny --out checkpoints/tiny-base --seed $(SEED)
+
+# The main job on the embedded default: align, then SFT, export checkpoints/sft/final, judge the test split.
+sft: data base
+	$(PY) -m src.fit --recipe recipes/align.yaml
+	$(PY) -m src.fit --recipe recipes/sft.yaml
+	$(PY) -m src.evaluate --ckpt checkpoints/sft/final --data $(SYNTH)/test.jsonl --judge synth
 
 bench: $(STAMP)
 	$(PY) bench/data_throughput.py

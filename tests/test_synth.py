@@ -48,7 +48,7 @@ def _rows(root: Path, split: str) -> list[dict]:
 
 def test_same_seed_gives_byte_identical_files_whatever_the_worker_count(datasets):
     a = _files(datasets["a"])
-    assert sorted(a) == sorted(["meta.json", "train.jsonl", "val.jsonl", "test.jsonl"]
+    assert sorted(a) == sorted(["meta.json"] + [f"{s}{kind}.jsonl" for s in COUNTS for kind in ("", "_audio")]
                                + [f"{s}/{s}-{i:06d}.mp4" for s, n in COUNTS.items() for i in range(n)])
     assert _files(datasets["b"]) == a
     assert _files(datasets["workers2"]) == a
@@ -224,3 +224,17 @@ def test_cli_writes_a_set(tmp_path, capsys):
     assert len(_rows(tmp_path, "train")) == 2 and len(_rows(tmp_path, "val")) == 1
     assert not (tmp_path / "test.jsonl").exists()
     assert "wrote 3 clips" in capsys.readouterr().out
+
+
+def test_audio_rows_caption_only_what_is_heard(datasets):
+    """Each clip's audio-only row: the same file as audio, captioned with its sounds (tied ones included) in time
+    order, every sentence a sound sentence of the grammar."""
+    from src.data.synth import grammar
+
+    rows = [json.loads(x) for x in (datasets["a"] / "train.jsonl").read_text().splitlines()]
+    audio = [json.loads(x) for x in (datasets["a"] / "train_audio.jsonl").read_text().splitlines()]
+    for row, arow in zip(rows, audio):
+        assert arow["id"] == row["id"] + "-audio" and arow["audio"] == row["video"] and "video" not in arow
+        sounds = [e.get("sound", e) for e in row["timeline"] if "sound" in e or e["kind"] in ("tone", "beep", "noise")]
+        parsed = [grammar.parse(s) for s in arow["events"]]
+        assert [p.kind for p in parsed] == [s["kind"] for s in sounds] and arow["caption"] == " ".join(arow["events"])

@@ -1,4 +1,5 @@
-"""Generate a SynthAV data set: DIR/{split}/<id>.mp4, DIR/{split}.jsonl and DIR/meta.json.
+"""Generate a SynthAV data set: DIR/{split}/<id>.mp4, DIR/{split}.jsonl, DIR/{split}_audio.jsonl (the same
+clips as audio-only rows captioned with their sounds, for the audio-alignment stage) and DIR/meta.json.
 
 Clip ``index`` of ``split`` draws its randomness from SeedSequence((seed, split code, index)) alone, so the
 output does not depend on the worker count or the order in which workers finish.
@@ -15,10 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
+from src.data.synth import grammar
 from src.data.synth.encode import write_clip
 from src.data.synth.scene import sample_scene
 from src.data.synth.world import (
-    BEEP_HZ, COLOURS, DIRECTIONS, MAX_EVENTS, MIN_EVENTS, PITCHES, SHAPES, SOUND_KINDS, TONE_HZ, WORLD_VERSION,
+    BEEP_HZ, COLOURS, DIRECTIONS, MAX_EVENTS, MIN_EVENTS, PITCHES, SHAPES, SOUND_KINDS, TONE_HZ, WORLD_VERSION, Event,
+    TimedEvent,
 )
 
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
@@ -66,6 +69,16 @@ def make_clip(out: str | os.PathLike, split: str, index: int, seed: int, setting
 
 def _make_clip_job(job: tuple) -> dict:
     return make_clip(*job)
+
+
+def audio_row(row: dict) -> dict:
+    """The audio-only view of a clip's row, for the audio-alignment stage: the clip's file as audio, and as
+    caption only what can be heard (the sounds, tied ones included), in time order."""
+    sounds = [TimedEvent(e["t"], Event.from_dict(e["sound"] if "sound" in e else e)) for e in row["timeline"]
+              if "sound" in e or e["kind"] in SOUND_KINDS]
+    sentences = [grammar.sentence(te.event) for te in sounds]
+    return {"id": row["id"] + "-audio", "audio": row["video"], "caption": " ".join(sentences), "events": sentences,
+            "use_audio": True}
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -117,5 +130,7 @@ def generate(out: str | os.PathLike, counts: dict[str, int], seed: int = 0, work
     for split, split_rows in by_split.items():
         text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in split_rows)
         write_text_atomic(out / f"{split}.jsonl", text)
+        audio_text = "".join(json.dumps(audio_row(row), ensure_ascii=False) + "\n" for row in split_rows)
+        write_text_atomic(out / f"{split}_audio.jsonl", audio_text)
     write_text_atomic(out / "meta.json", json.dumps(meta(seed, counts, settings), indent=2) + "\n")
     return by_split
