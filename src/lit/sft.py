@@ -80,8 +80,8 @@ class SFTModule(pl.LightningModule):
             raise ValueError(f"stage must be one of {tuple(STAGE_TRAINABLE)}, got {stage!r}")
         self.save_hyperparameters()
         self.base, self.stage, self.lr = base, stage, lr
-        self.lora = lora if isinstance(lora, LoraSettings) else LoraSettings()
-        self.optim = optim if isinstance(optim, OptimSettings) else OptimSettings()
+        self.lora = lora if isinstance(lora, LoraSettings) else LoraSettings(**lora)
+        self.optim = optim if isinstance(optim, OptimSettings) else OptimSettings(**optim)
         self.trainable = tuple(trainable) if trainable is not None else STAGE_TRAINABLE[stage]
         self.activation_checkpointing = activation_checkpointing
         self.model = None

@@ -179,9 +179,8 @@ class AVProcessor:
             batch["input_features"] = torch.cat([s["input_features"] for s in audios])
             batch["audio_chunks"] = [s["input_features"].shape[0] for s in audios]
             batch["audio_windows"] = [s["audio_windows"] for s in audios]
-        for key in ("id",):
-            if key in samples[0]:
-                batch[key] = [s[key] for s in samples]
+        if "id" in samples[0]:
+            batch["id"] = [s["id"] for s in samples]
         return batch
 
     # -- persistence -------------------------------------------------------------------------------------
