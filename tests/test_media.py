@@ -351,3 +351,45 @@ def test_audio_stream_without_samples(tmp_path):
     path = fx.write_empty_wav(tmp_path / "silent.wav")
     _assert_error(load_clip, path, EmptyMediaError, "audio stream has no packets")
     _assert_error(decode_audio, path, EmptyMediaError, "audio stream has no decodable samples")
+
+
+def _collect_in_child():
+    import gc
+
+    gc.collect()
+
+
+def test_decoder_state_left_in_a_cycle_is_safe_to_free_in_a_forked_worker(tmp_path):
+    """A decode that fails mid-pass leaves its objects reachable from the caught error's traceback (a bad sample
+    that was reported keeps them until the collector runs). A DataLoader worker forked meanwhile must be able to
+    free them: with swscale's default slice threads the child deadlocked in sws_freeContext (seen in CI)."""
+    import gc
+    import multiprocessing as mp
+
+    whole = fx.write_av(tmp_path / "whole.mkv", duration=4.0, fps=8, size=(360, 640), crf=23)
+    cut = fx.write_truncated(whole, tmp_path / "cut.mkv", fraction=0.6)
+    gc.disable()
+    try:
+        try:
+            media.decode_frames(cut, [0.0, 0.5, 1.0, 3.9])
+        except media.MediaError as err:
+            assert any(tb.tb_frame.f_code.co_name == "_scan_frames" for tb in _tracebacks(err))
+            box = {"err": err}  # err -> traceback -> the decode's frames, held by a cycle only:
+            box["box"] = box  # the first collector to run frees them, here the forked child's
+        del box
+        child = mp.get_context("fork").Process(target=_collect_in_child)
+        child.start()
+        child.join(timeout=20)
+        alive = child.is_alive()
+        if alive:
+            child.kill()
+        assert not alive and child.exitcode == 0
+    finally:
+        gc.enable()
+
+
+def _tracebacks(err):
+    tb = err.__traceback__
+    while tb is not None:
+        yield tb
+        tb = tb.tb_next

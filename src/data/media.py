@@ -163,16 +163,27 @@ def _open(path) -> av.container.InputContainer:
         raise UnreadableMediaError(path, f"cannot read: {err.strerror or err}") from err
 
 
+def _single_threaded(stream):
+    """Decode on the calling thread. FFmpeg's decoder and scaler thread pools make their contexts unsafe to free
+    in a forked child: a DataLoader worker forked while a failed decode's objects were still waiting for the
+    collector deadlocked freeing them (seen in CI; tests/test_media.py reproduces it). Parallelism comes from
+    the DataLoader's worker processes instead."""
+    if stream is not None:
+        stream.thread_type = "NONE"
+        stream.codec_context.thread_count = 1
+    return stream
+
+
 def _video_stream(container):
     """The first real video stream: cover art in .mp3/.m4a is a one-picture 'video' stream, not a video."""
     for stream in container.streams.video:
         if not stream.disposition & av.stream.Disposition.attached_pic:
-            return stream
+            return _single_threaded(stream)
     return None
 
 
 def _audio_stream(container):
-    return container.streams.audio[0] if container.streams.audio else None
+    return _single_threaded(container.streams.audio[0]) if container.streams.audio else None
 
 
 def _origin(container) -> float:
@@ -366,12 +377,12 @@ def _scan_frames(path, container, stream, times, order, size, interpolation, ori
     first = True
 
     # One reformatter for the pass: it keeps its swscale context, while frame.reformat() builds a new one per
-    # frame (3x slower on small frames).
+    # frame (3x slower on small frames). threads=1: see _single_threaded.
     reformatter = VideoReformatter()
 
     def rgb(frame):
         converted = reformatter.reformat(frame, width=width, height=height, format="rgb24",
-                                         interpolation=interpolation)
+                                         interpolation=interpolation, threads=1)
         return converted.to_ndarray()
 
     def assign(frame, frame_time, cached):
