@@ -13,6 +13,7 @@ import yaml
 
 from src import fit
 from src.lit.sft import SFTModule, warmup_cosine
+from src.models.lora import LoraSettings
 from src.models.build import build_tiny, load_base
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,3 +180,23 @@ def test_fsdp2_on_two_cpu_processes_matches_one_process(tiny_base, synthav, tmp_
     assert a.keys() == b.keys()
     bad = {k: (a[k] - b[k]).abs().max().item() for k in a if not torch.allclose(a[k], b[k], atol=5e-5, rtol=1e-4)}
     assert not bad, sorted(bad.items(), key=lambda kv: -kv[1])[:10]
+
+
+@pytest.mark.parametrize("stage", ["align", "sft"])
+def test_stage_trains_exactly_its_parts(tiny_base, stage):
+    """align: the aligner only. sft: LoRA on the LLM's q/k/v + aligner + visual merger; the LLM's own weights,
+    the vision blocks and Whisper stay frozen."""
+    module = SFTModule(base=str(tiny_base), stage=stage, lora=LoraSettings(r=4, alpha=8))
+    module.configure_model()
+    trainable = {n for n, p in module.model.named_parameters() if p.requires_grad}
+    parts = {"aligner": any(n.startswith("aligner.") for n in trainable),
+             "merger": any(".visual.merger." in n for n in trainable),
+             "lora": any(".lora_" in n for n in trainable),
+             "llm_base": any("language_model" in n and ".lora_" not in n for n in trainable),
+             "vision_blocks": any(".visual.blocks." in n for n in trainable),
+             "whisper": any(n.startswith("whisper.") for n in trainable)}
+    expected = {"aligner"} if stage == "align" else {"aligner", "merger", "lora"}
+    assert {k for k, v in parts.items() if v} == expected
+    if stage == "sft":
+        assert all(".self_attn." in n and n.split(".self_attn.")[1][:6] in ("q_proj", "k_proj", "v_proj")
+                   for n in trainable if ".lora_" in n)

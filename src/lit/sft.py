@@ -55,7 +55,7 @@ def warmup_cosine(step: int, total: int, warmup_ratio: float, min_ratio: float) 
 
 
 def set_trainable(model, parts: tuple[str, ...]) -> None:
-    """Freeze everything, then unfreeze the named parts (LoRA parameters are handled by attach_lora)."""
+    """Freeze everything, then unfreeze the named parts ("lora": the LoRA tensors attach_lora injected)."""
     unknown = set(parts) - set(TRAINABLE_PARTS)
     if unknown:
         raise ValueError(f"unknown trainable parts {sorted(unknown)}; choose from {TRAINABLE_PARTS}")
@@ -65,6 +65,10 @@ def set_trainable(model, parts: tuple[str, ...]) -> None:
     for part in parts:
         for module in modules.get(part, []):
             module.requires_grad_(True)
+    if "lora" in parts:
+        for name, param in model.named_parameters():
+            if ".lora_" in name:
+                param.requires_grad_(True)
 
 
 def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
@@ -95,9 +99,9 @@ class SFTModule(pl.LightningModule):
             return
         model, self.processor = load_base(self.base)
         model.train()  # from_pretrained returns eval mode; LoRA dropout and any dropout must be live
-        set_trainable(model, self.trainable)
-        if "lora" in self.trainable:
+        if "lora" in self.trainable:  # first: peft freezes every non-LoRA parameter when it injects
             attach_lora(model, self.lora)
+        set_trainable(model, self.trainable)
         if self.activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = model
