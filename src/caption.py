@@ -25,7 +25,6 @@ from dataclasses import dataclass
 import torch
 
 from src.data.errors import BadSampleError
-from src.data.media import load_clip
 from src.models.generate import GenerationSettings, generate
 
 
@@ -66,9 +65,7 @@ def caption_jobs(model, processor, jobs: Sequence[CaptionJob], settings: Generat
 def prompt_sample(processor, video: str | None, audio: str | None = None, *, use_audio: bool = True,
                   prompt: str | None = None) -> dict:
     """Decode a clip with the processor's settings and encode it as a prompt (no response) for generation."""
-    clip = load_clip(video, audio, sampling=processor.settings.sampling, use_audio=use_audio,
-                     sample_rate=processor.settings.audio.sample_rate)
-    return processor.encode(clip, prompt)
+    return processor.encode(processor.load_clip(video, audio, use_audio=use_audio), prompt)
 
 
 def clip_jobs(processor, paths: Iterable[str], prompt: str | None, errors: list[str]) -> list[CaptionJob]:

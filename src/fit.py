@@ -38,12 +38,17 @@ def recipe_args(argv: list[str]) -> list[str]:
     return out
 
 
-def main(argv: list[str] | None = None) -> FitCLI:
+def build_cli(argv: list[str] | None = None) -> FitCLI:
+    """Parse a recipe and its overrides and instantiate trainer, model and data (nothing runs yet)."""
     if argv is None:  # LightningCLI warns when given args beside a command line: rewrite the command line itself
         sys.argv[1:] = recipe_args(sys.argv[1:])
-    cli = FitCLI(args=None if argv is None else recipe_args(argv), run=False,
-                 parser_kwargs={"parser_mode": "omegaconf"}, save_config_kwargs={"overwrite": True},
-                 subclass_mode_model=True, subclass_mode_data=True)
+    return FitCLI(args=None if argv is None else recipe_args(argv), run=False,
+                  parser_kwargs={"parser_mode": "omegaconf"}, save_config_kwargs={"overwrite": True},
+                  subclass_mode_model=True, subclass_mode_data=True)
+
+
+def main(argv: list[str] | None = None) -> FitCLI:
+    cli = build_cli(argv)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.get("resume"))
     return cli
 

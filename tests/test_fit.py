@@ -35,9 +35,7 @@ def tiny_overrides(base, synthav, **trainer) -> list[str]:
 
 
 def instantiate(recipe, overrides) -> fit.FitCLI:
-    return fit.FitCLI(args=fit.recipe_args(["--recipe", str(recipe), *overrides]), run=False,
-                      parser_kwargs={"parser_mode": "omegaconf"}, save_config_kwargs={"overwrite": True},
-                      subclass_mode_model=True, subclass_mode_data=True)
+    return fit.build_cli(["--recipe", str(recipe), *overrides])
 
 
 def test_there_are_recipes_and_each_opens_with_its_command():

@@ -19,12 +19,12 @@ import torch
 import transformers
 
 from src.data.media import AVClip, FrameSampling, load_clip
+from src.losses.logprobs import IGNORE_INDEX
 from src.models.audio import AudioSettings, log_mel_chunks, num_windows
 from src.models.layout import AVLayout, VideoGrid, sequence_positions, span_token_types
 from src.models.tokenizer import DEFAULT_SYSTEM, chat_ids, special_ids
 
 PROCESSOR_FILE = "av_processor.json"
-IGNORE_INDEX = -100
 DEFAULT_PROMPT = "Describe this video in detail: what is seen and what is heard, in the order it happens."
 # OpenAI CLIP statistics, as Qwen2.5-VL's image processor uses
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -143,11 +143,15 @@ class AVProcessor:
                       response_start=response_start)
         return sample
 
+    def load_clip(self, video: str | None, audio: str | None = None, *, use_audio: bool = True) -> AVClip:
+        """Decode a clip with this processor's frame sampling and audio rate (BadSampleError on failure)."""
+        return load_clip(video, audio, sampling=self.settings.sampling, use_audio=use_audio,
+                         sample_rate=self.settings.audio.sample_rate)
+
     def __call__(self, row) -> dict[str, Any]:
         """A manifest row -> decoded, encoded sample (runs in DataLoader workers; media errors propagate as
         BadSampleError for the stream to quarantine)."""
-        clip = load_clip(row.video, row.audio, sampling=self.settings.sampling, use_audio=row.use_audio,
-                         sample_rate=self.settings.audio.sample_rate)
+        clip = self.load_clip(row.video, row.audio, use_audio=row.use_audio)
         sample = self.encode(clip, row.prompt, getattr(row, "caption", None))
         sample["id"] = row.id
         return sample
