@@ -1,4 +1,5 @@
-"""LoRA on the LLM only (peft), and the merged view of a model for export.
+"""LoRA on the LLM only (peft), the merged view of a model for export, and the MrDPO round primitives: fold the
+adapter into the base in place, re-initialise it, bypass it (the reference), forget its optimizer state.
 
 Targets are matched by a regex over the language model's module paths, so the vision tower and Whisper, which
 have q/k/v projections of their own, stay untouched. LoRA layers are injected in place
@@ -7,11 +8,15 @@ have q/k/v projections of their own, stay untouched. LoRA layers are injected in
 
 from __future__ import annotations
 
+import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 ADAPTER = "default"
 
@@ -65,3 +70,143 @@ def merged_state_dict(state: dict[str, torch.Tensor], scalings: dict[str, float]
             value = (value.float() + delta).to(value.dtype)
         out[key.replace(".base_layer.", ".")] = value
     return out
+
+
+# -- round boundaries: fold the adapter into the base, start a fresh one -----------------------------------------
+# These work on plain tensors and on FSDP2 shards (DTensor, dim-0 sharded: W (out, in), B (out, r) and A (r, in)
+# each hold rows [lo, hi) of their first dimension on a rank). Call them on every rank.
+
+
+def lora_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The LoRA tensors (A and B of every layer), e.g. to clear their optimizer state after reset_lora_."""
+    return [p for _, layer in lora_layers(model) for p in (layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight)
+            if ADAPTER in layer.lora_A]
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's rows of a DTensor (a view: writing it writes the parameter), or the tensor itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def _row_sharded_alike(weight: torch.Tensor, other: torch.Tensor) -> bool:
+    """True when both are plain tensors, or DTensors on one mesh whose placements shard dim 0 only (FSDP2,
+    HSDP): then rows i of both local tensors are the same global rows."""
+    if not isinstance(weight, DTensor) and not isinstance(other, DTensor):
+        return True
+    if not (isinstance(weight, DTensor) and isinstance(other, DTensor)):
+        return False
+    ok = all(isinstance(p, Replicate) or (isinstance(p, Shard) and p.dim == 0) for p in weight.placements)
+    return ok and weight.device_mesh == other.device_mesh and tuple(weight.placements) == tuple(other.placements)
+
+
+def _check_foldable(name: str, layer: LoraLayer) -> None:
+    base = layer.get_base_layer()
+    if not isinstance(base, torch.nn.Linear) or getattr(layer, "fan_in_fan_out", False):
+        raise NotImplementedError(f"{name}: folding supports LoRA on nn.Linear (fan_in_fan_out False) only")
+    if layer.use_dora.get(ADAPTER, False) or layer.lora_bias.get(ADAPTER, False):
+        raise NotImplementedError(f"{name}: folding DoRA or LoRA-bias adapters is not supported")
+    if layer.merged:
+        raise ValueError(f"{name}: the adapter is merged with peft's merge(); unmerge it first (disabling it would "
+                         "un-merge it again and hide the fold)")
+
+
+@torch.no_grad()
+def fold_lora_(model: torch.nn.Module) -> int:
+    """W += scaling * B @ A in place for every LoRA layer; returns the number of layers folded.
+
+    The base weights keep their Parameter objects (an optimizer holding them stays valid). The delta is computed
+    in float32 and added once, so W's dtype rounds it once. Sharded (FSDP2): W_local += s * B_local @ A_full:
+    B and W share their row split, only the small A (r x in) is all-gathered. The adapter is NOT reset: after
+    the fold, adapter-on output = base + 2 x delta until reset_lora_ runs; always call them together (fold,
+    then reset). Not peft's merge(): that marks the adapter merged, and disabling it would un-merge.
+    """
+    _reshard(model)
+    folded = 0
+    for name, layer in lora_layers(model):
+        if ADAPTER not in layer.lora_A:
+            continue
+        _check_foldable(name, layer)
+        weight = layer.get_base_layer().weight
+        a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+        if not _row_sharded_alike(weight, b):
+            raise NotImplementedError(f"{name}: base weight and lora_B are not row-sharded alike "
+                                      f"({_placements(weight)} vs {_placements(b)}); only FSDP/HSDP layouts fold")
+        a_full = a.full_tensor() if isinstance(a, DTensor) else a
+        w_local, b_local = _local(weight), _local(b)
+        delta = (b_local.float() @ a_full.float().to(b_local.device)) * float(layer.scaling[ADAPTER])
+        w_local.copy_((w_local.float() + delta).to(w_local.dtype))
+        folded += 1
+    return folded
+
+
+@torch.no_grad()
+def reset_lora_(model: torch.nn.Module, generator: torch.Generator) -> int:
+    """A = kaiming_uniform(a=sqrt(5)) (peft's init_lora_weights=True), B = 0, in place; returns the layer count.
+
+    A is drawn in full on the CPU from ``generator`` (layer by layer, in module order), then each rank keeps its
+    rows: the draw is the same for any world size, and every rank must pass a generator in the same state (e.g.
+    ``torch.Generator().manual_seed(seed + round)``). With B = 0 the adapter adds nothing, so adapter-on output
+    == adapter-disabled output right after a reset.
+    """
+    _reshard(model)
+    count = 0
+    for name, layer in lora_layers(model):
+        if ADAPTER not in layer.lora_A:
+            continue
+        a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+        full_a = torch.empty(tuple(a.shape), dtype=torch.float32)
+        torch.nn.init.kaiming_uniform_(full_a, a=math.sqrt(5), generator=generator)
+        if isinstance(a, DTensor):
+            # each rank slices the same full tensor: no communication (src_data_rank=None)
+            rows = distribute_tensor(full_a.to(a.device), a.device_mesh, a.placements, src_data_rank=None)
+            _local(a).copy_(rows.to_local())
+        else:
+            a.copy_(full_a)
+        _local(b).zero_()
+        count += 1
+    return count
+
+
+def clear_optimizer_state_(optimizer: torch.optim.Optimizer, params) -> int:
+    """Forget the optimizer state (e.g. Adam's moments and step count) of ``params``; returns how many had state.
+    The next step re-initialises it as for a new parameter, which is what a re-initialised LoRA needs."""
+    cleared = 0
+    for param in params:
+        if optimizer.state.pop(param, None) is not None:
+            cleared += 1
+    return cleared
+
+
+@contextmanager
+def adapters_disabled(model: torch.nn.Module):
+    """Run the model as its base (every LoRA layer bypassed). After fold_lora_ + reset_lora_, the base is the
+    round-start model: the DPO reference, with no second copy of the weights.
+
+    peft's enable_adapters also flips requires_grad of the LoRA tensors; the flags are put back at once (before
+    any forward) so that FSDP2, which copies them when it first all-gathers, never sees them changed.
+    """
+    layers = [layer for _, layer in lora_layers(model)]
+    flags = [(p, p.requires_grad) for p in lora_parameters(model)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    for param, flag in flags:
+        param.requires_grad_(flag)
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+        for param, flag in flags:
+            param.requires_grad_(flag)
+
+
+def _placements(tensor: torch.Tensor) -> str:
+    return str(tuple(tensor.placements)) if isinstance(tensor, DTensor) else "plain tensor"
+
+
+def _reshard(model: torch.nn.Module) -> None:
+    """FSDP2 units left unsharded (e.g. a root after forward with reshard_after_forward=False) expose gathered
+    copies as their parameters; writes there would be lost. Resharding first makes the parameters the shards."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
