@@ -24,11 +24,14 @@ one of them).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 
 from src.data.synth import grammar
 from src.data.synth.world import Event
+from src.judge.base import Judge, ScoreDetail
 from src.judge.metric import EventCounts, deloop, repetition_counts, unique_sentences
+
+__all__ = ["ScoreDetail", "SynthJudge", "identity"]
 
 
 def identity(event: Event) -> tuple:
@@ -38,24 +41,12 @@ def identity(event: Event) -> tuple:
     return (event.kind,)
 
 
-@dataclass
-class ScoreDetail:
-    """Sentences behind the counts: ``correct`` and ``incorrect`` hold (gt, caption) pairs."""
+class SynthJudge(Judge):
+    """Exact judge for SynthAV captions; stateless and deterministic (every pass gives the same answer)."""
 
-    counts: EventCounts
-    correct: list[tuple[str, str]] = field(default_factory=list)
-    incorrect: list[tuple[str, str]] = field(default_factory=list)
-    missed: list[str] = field(default_factory=list)
-    hallucinated: list[str] = field(default_factory=list)
+    name = "synth"
 
-
-class SynthJudge:
-    """Exact judge for SynthAV captions; stateless and deterministic."""
-
-    def score(self, caption: str, events: list[str]) -> EventCounts:
-        return self.score_detail(caption, events).counts
-
-    def score_detail(self, caption: str, events: list[str]) -> ScoreDetail:
+    def score_detail(self, caption: str, events: Sequence[str], *, pass_index: int = 0) -> ScoreDetail:
         gt = [_parse_gt(s) for s in events]
         n_sentences, repeated = repetition_counts(caption)
         sentences, _ = unique_sentences(deloop(caption))
