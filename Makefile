@@ -36,11 +36,11 @@ data: $(SYNTH)/train_audio.jsonl
 $(SYNTH)/train_audio.jsonl: | $(STAMP)
 	$(PY) -m src.data.synth --out $(SYNTH) --train 2000 --val 200 --test 200 --seed $(SEED)
 
-# The tiny random base of the embedded default.
+# The tiny random base of the embedded default, its media path initialised on 64 training clips.
 base: checkpoints/tiny-base/config.json
 
-checkpoints/tiny-base/config.json: | $(STAMP)
-	$(PY) -m src.models.build --tiny --out checkpoints/tiny-base --seed $(SEED)
+checkpoints/tiny-base/config.json: | $(STAMP) $(SYNTH)/train_audio.jsonl
+	$(PY) -m src.models.build --tiny --out checkpoints/tiny-base --seed $(SEED) --calibrate $(SYNTH)/train.jsonl
 
 # The main job on the embedded default: align, then SFT, export checkpoints/sft/final, judge the test split.
 sft: data base

@@ -16,6 +16,7 @@ import json
 import os
 from dataclasses import asdict
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -24,9 +25,11 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLForCond
 
 from src.data.media import FrameSampling
 from src.data.synth.scene import sample_scene
+from src.data.manifest import SFTRow, read_manifest
 from src.models.aligner import AlignerConfig, WindowQFormer
 from src.models.audio import AudioSettings
 from src.models.av_llm import AVLLM, AVLLMConfig, parameter_summary
+from src.models.calibrate import calibrate_media
 from src.models.processor import DEFAULT_PROMPT, AVProcessor, ProcessorSettings, VisionSettings
 from src.models.tokenizer import ensure_audio_token, special_ids, train_tiny_tokenizer
 
@@ -79,8 +82,12 @@ def tiny_configs(tokenizer, sizes: dict) -> AVLLMConfig:
                        audio_token_id=ids["<|audio_pad|>"])
 
 
-def build_tiny(out: str | os.PathLike, *, seed: int = 0, **overrides) -> Path:
-    """A random tiny base: a BPE tokenizer trained on SynthAV captions, small Qwen2.5-VL/Whisper/aligner."""
+def build_tiny(out: str | os.PathLike, *, seed: int = 0, calibration: Sequence[SFTRow] = (), **overrides) -> Path:
+    """A random tiny base: a BPE tokenizer trained on SynthAV captions, small Qwen2.5-VL/Whisper/aligner.
+
+    ``calibration`` rows (training clips with video and audio) set the media path's data-dependent init
+    (``calibrate.calibrate_media``); without them the media path keeps its random init, which trains far more
+    slowly (see that module)."""
     sizes = {**TINY, **overrides}
     torch.manual_seed(seed)
     tokenizer = train_tiny_tokenizer(tokenizer_texts(sizes["tokenizer_texts"], seed), vocab_size=sizes["vocab"])
@@ -89,7 +96,14 @@ def build_tiny(out: str | os.PathLike, *, seed: int = 0, **overrides) -> Path:
     model = AVLLM(config)
     scratch_init(model, sizes["llm_init_std"])
     settings = ProcessorSettings(sampling=TINY_SAMPLING, audio=AudioSettings(**config.audio))
-    return save_base(model, AVProcessor(tokenizer, settings), out)
+    processor = AVProcessor(tokenizer, settings)
+    if calibration:
+        processor, report = calibrate_media(model, processor, calibration)
+        print("calibrated the media path on {} clips: token spread video {:.3f} -> {:.3f}, audio {:.3f} -> {:.3f} "
+              "(text {:.3f})".format(len(calibration), report["before"]["video"][1], report["after"]["video"][1],
+                                     report["before"]["audio"][1], report["after"]["audio"][1],
+                                     report["text_spread"]))
+    return save_base(model, processor, out)
 
 
 @torch.no_grad()
@@ -166,11 +180,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--whisper", help="local whisper-large-v3 (or other Whisper) directory")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--calibrate", metavar="MANIFEST",
+                        help="tiny only: training manifest whose first clips set the media path's init")
+    parser.add_argument("--calibration-clips", type=int, default=64)
     args = parser.parse_args(argv)
     if args.tiny == bool(args.qwen or args.whisper):
         parser.error("give either --tiny or both --qwen and --whisper")
+    if args.calibrate and not args.tiny:
+        parser.error("--calibrate is for a tiny base trained from scratch; a real base keeps its pretrained init")
     if args.tiny:
-        out = build_tiny(args.out, seed=args.seed)
+        rows = read_manifest(args.calibrate)[:args.calibration_clips] if args.calibrate else ()
+        out = build_tiny(args.out, seed=args.seed, calibration=rows)
     else:
         if not (args.qwen and args.whisper):
             parser.error("--qwen and --whisper go together")
