@@ -4,11 +4,16 @@ The prompt (left-padded by the processor) is run once; each new token then costs
 position continues from the row's largest prompt position + 1 on all three axes, as Qwen2.5-VL's text does after
 a media span. Each sample's summed log-prob is taken under the model's own distribution (temperature 1, no
 top-p truncation), whatever the sampling settings: that is the number DPO needs as the reference log-prob.
+
+``generator`` is one torch.Generator for the whole batch, or one per row: with per-row generators a row's
+samples depend only on its own generator, not on which other rows share its batch (the rollout's resumability).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Union
 
 import torch
 from transformers.cache_utils import DynamicCache
@@ -33,8 +38,12 @@ class Generated:
     finished: torch.Tensor
 
 
-def pick_next(logits: torch.Tensor, settings: GenerationSettings, generator: torch.Generator | None) -> torch.Tensor:
-    """(b, v) logits -> (b,) token ids: argmax, or a sample from the tempered, top-p truncated distribution."""
+Generators = Union[torch.Generator, Sequence[torch.Generator], None]
+
+
+def pick_next(logits: torch.Tensor, settings: GenerationSettings, generator: Generators) -> torch.Tensor:
+    """(b, v) logits -> (b,) token ids: argmax, or a sample from the tempered, top-p truncated distribution
+    (drawn with ``generator``, or row i with ``generator[i]``)."""
     if not settings.do_sample:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / max(settings.temperature, 1e-5), dim=-1)
@@ -44,12 +53,16 @@ def pick_next(logits: torch.Tensor, settings: GenerationSettings, generator: tor
         drop = sorted_probs.cumsum(-1) - sorted_probs >= settings.top_p
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    if isinstance(generator, Sequence):
+        if len(generator) != probs.shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {probs.shape[0]} rows")
+        return torch.cat([torch.multinomial(row, 1, generator=g) for row, g in zip(probs, generator)])
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 @torch.no_grad()
 def generate(model, batch: dict, settings: GenerationSettings, *, eos_token_id: int, pad_token_id: int,
-             generator: torch.Generator | None = None) -> Generated:
+             generator: Generators = None) -> Generated:
     """Generate for a left-padded batch from AVProcessor.collate(..., padding_side="left")."""
     input_ids, attention_mask, position_ids = batch["input_ids"], batch["attention_mask"], batch["position_ids"]
     b = input_ids.shape[0]
