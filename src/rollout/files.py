@@ -1,0 +1,84 @@
+"""The rollout's files: per-rank shards, the progress log, what is already finished (resume), and the merge.
+
+``OUT`` (a preference manifest) holds only the videos that gave a pair; videos whose pair was dropped and
+unreadable ones would be redone on every restart if that were all. So every finished video also gets one line in
+``OUT.progress`` (JSON lines: id, status, reason, its samples with caption, EER, log-prob), appended after its
+pair. A video is finished when either file names it: a crash between the two appends loses nothing.
+A crash in the middle of an append leaves a partial last line, which :func:`prepare` cuts off first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+
+from src.data.manifest import read_manifest, repair_partial_last_line, write_manifest
+
+PROGRESS_SUFFIX = ".progress"
+
+
+def progress_path(out: str | os.PathLike) -> str:
+    return os.fspath(out) + PROGRESS_SUFFIX
+
+
+def shard_path(out: str | os.PathLike, rank: int, world_size: int) -> str:
+    """Where rank ``rank`` of ``world_size`` writes: ``OUT`` itself for one process, else ``OUT`` with
+    ``.rank{r}of{w}`` before its extension (ranks never append to one file together)."""
+    out = os.fspath(out)
+    if world_size == 1:
+        return out
+    stem, ext = os.path.splitext(out)
+    return f"{stem}.rank{rank}of{world_size}{ext}"
+
+
+def prepare(out: str | os.PathLike) -> set[str]:
+    """Repair both files' last lines (when present) and return the ids of the videos already finished."""
+    done: set[str] = set()
+    if os.path.exists(out):
+        repair_partial_last_line(out)
+        rows = read_manifest(out, "preference", check_media=False, allow_empty=True)
+        done.update(row.id for row in rows)
+    progress = progress_path(out)
+    if os.path.exists(progress):
+        repair_partial_last_line(progress)
+        done.update(record["id"] for record in read_progress(out))
+    return done
+
+
+def read_progress(out: str | os.PathLike) -> list[dict]:
+    """Every record of ``OUT.progress`` (one per finished video), in the order written."""
+    path = progress_path(out)
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def append_progress(out: str | os.PathLike, records: Iterable[Mapping]) -> None:
+    """Append records and fsync, like :func:`src.data.manifest.append_rows` does for the pairs."""
+    text = "".join(json.dumps(dict(r), ensure_ascii=False, allow_nan=False) + "\n" for r in records)
+    if not text:
+        return
+    with open(progress_path(out), "ab") as f:
+        f.write(text.encode("utf-8"))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def merge_shards(out: str | os.PathLike, world_size: int) -> int:
+    """Write every rank's pairs into ``OUT`` as one manifest (atomically); return the pair count.
+
+    Call it once, on one rank, after every rank's rollout has returned. With no pairs at all nothing is
+    written and 0 is returned (an empty manifest cannot be read back as training data).
+    """
+    if world_size == 1:
+        return len(read_manifest(out, "preference", check_media=False, allow_empty=True)) if os.path.exists(out) else 0
+    rows = []
+    for rank in range(world_size):
+        path = shard_path(out, rank, world_size)
+        if os.path.exists(path):
+            rows += read_manifest(path, "preference", check_media=False, allow_empty=True)
+    if rows:
+        write_manifest(out, rows)
+    return len(rows)
