@@ -48,6 +48,16 @@ sft: data base
 	$(PY) -m src.fit --recipe recipes/sft.yaml
 	$(PY) -m src.evaluate --ckpt checkpoints/sft/final --data $(SYNTH)/test.jsonl --judge synth
 
+# Judge a checkpoint on the SynthAV test split; results, report and samples land in the checkpoint directory.
+#   make eval CKPT=checkpoints/mrdpo/final
+#   make eval CKPT=... JUDGE=llm EVAL_ARGS="--judge-model gpt-4.1 --api-key-env OPENAI_API_KEY --passes 7"
+CKPT  ?= checkpoints/sft/final
+JUDGE ?= synth
+
+.PHONY: eval
+eval: data
+	$(PY) -m src.evaluate --ckpt $(CKPT) --data $(SYNTH)/test.jsonl --judge $(JUDGE) $(EVAL_ARGS)
+
 bench: $(STAMP)
 	$(PY) bench/data_throughput.py
 

@@ -364,8 +364,9 @@ def main(argv: list[str] | None = None) -> int:
         plot = args.plot or os.path.join(args.out or ".", "compare.png")
         try:
             table = compare(args.compare, labels=args.labels, plot=plot)
-        except ValueError as err:
-            parser.exit(2, f"error: {err}\n")
+        except ValueError as err:  # a missing or malformed results.json: the message names it
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         print(table)
         print(f"wrote {plot} and {Path(plot).with_suffix('.md')}", file=sys.stderr)
         return 0
