@@ -20,7 +20,7 @@ from src.judge.metric import EventCounts
 from src.judge.synth import SynthJudge
 from src.losses.logprobs import sequence_logps
 from src.models.build import build_tiny, load_base
-from src.models.lora import LoraSettings, attach_lora, lora_layers
+from src.models.lora import LoraSettings, adapters_disabled, attach_lora, fold_lora_, lora_layers, reset_lora_
 from src.rollout import (
     Candidate,
     RolloutSettings,
@@ -72,21 +72,15 @@ def steered(base, rows, word_boost: float = 6.0, end_boost: float = 7.0):
 
 
 @torch.no_grad()
-def fold_lora(model) -> None:
-    """A round boundary, as the MultiRoundDPO callback does it: a trained (random) LoRA folded into the base in
-    place, then re-initialised (B = 0)."""
+def round_boundary(model) -> None:
+    """What the MultiRoundDPO callback does at a boundary: a trained LoRA (here random B) folded into the base in
+    place and re-initialised (B = 0), with the project's primitives."""
     gen = torch.Generator().manual_seed(1)
     for _, layer in lora_layers(model):
         b = layer.lora_B["default"].weight
         b.copy_(torch.randn(b.shape, generator=gen) * 0.1)
-        layer.merge(adapter_names=["default"])
-        layer.merged_adapters.clear()
-        layer.reset_lora_parameters("default", init_lora_weights=True)
-
-
-def adapters(model, enabled: bool) -> None:
-    for _, layer in lora_layers(model):
-        layer.enable_adapters(enabled)
+    fold_lora_(model)
+    reset_lora_(model, gen)
 
 
 @torch.no_grad()
@@ -162,7 +156,10 @@ def test_reference_logps_equal_the_adapter_disabled_forward(base, rows, tmp_path
     of the adapter-disabled model on the same sequences (both the recorded and the recomputed ones)."""
     model, processor = steered(base, rows)
     attach_lora(model, LoraSettings(r=4, alpha=8, dropout=0.05))
-    fold_lora(model)
+    before = dpo_side_logps(model, processor, rows[0], [rows[0].caption])
+    round_boundary(model)
+    with adapters_disabled(model):  # the fold changed the base (else this test could not tell on from off)
+        assert abs(float(dpo_side_logps(model, processor, rows[0], [rows[0].caption]) - before)) > 1e-3
     model.train()
     out = tmp_path / "pairs.jsonl"
     stats = rollout(model, processor, rows, SynthJudge(), out, SETTINGS, round_index=2, progress=False)
@@ -172,12 +169,12 @@ def test_reference_logps_equal_the_adapter_disabled_forward(base, rows, tmp_path
     assert stats.pairs == len(pairs) >= 4 and stats.videos == len(rows) and stats.samples == len(rows) * SETTINGS.k
     assert stats.pairs + stats.dropped == stats.videos and stats.bad == 0
     assert 0 < stats.recomputed < 2 * stats.pairs  # both ways of getting a reference log-prob were used
-    adapters(model, False)
     model.eval()
     by_id = {row.id: row for row in rows}
     for pair in pairs:
         row = by_id[pair.id]
-        fresh = dpo_side_logps(model, processor, row, [pair.chosen, pair.rejected])
+        with adapters_disabled(model):
+            fresh = dpo_side_logps(model, processor, row, [pair.chosen, pair.rejected])
         assert torch.allclose(fresh, torch.tensor([pair.ref_chosen_logp, pair.ref_rejected_logp]), atol=LOGP_ATOL,
                               rtol=0), (pair.id, fresh)
         assert (pair.gt, pair.events, pair.round, pair.prompt) == (row.caption, row.events, 2, row.prompt)
@@ -291,3 +288,13 @@ def test_cli_writes_pairs_and_resumes(base, synthav, tmp_path, capsys):
     assert cli.main(args) == 0
     second = json.loads(capsys.readouterr().out)
     assert (second["videos"], second["skipped"]) == (0, 8)
+
+
+def test_cli_refuses_a_misconfigured_judge_before_loading(synthav, tmp_path, capsys):
+    args = ["--ckpt", str(tmp_path / "missing"), "--data", str(synthav / "train.jsonl"), "--out", str(tmp_path / "p")]
+    with pytest.raises(SystemExit):
+        cli.main([*args, "--judge", "llm"])
+    assert "the llm judge needs the setting 'model'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main([*args, "--k", "1"])
+    assert "k must be at least 2" in capsys.readouterr().err

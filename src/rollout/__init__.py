@@ -8,8 +8,8 @@ Command line: ``python -m src.rollout --ckpt DIR --data MANIFEST --out pairs.jso
 
 from src.rollout.files import merge_shards, progress_path, read_progress, shard_path
 from src.rollout.pairs import Candidate, PairChoice, choose_pair, response_ids, sample_seed
-from src.rollout.rollout import Judge, RolloutSettings, RolloutStats, rollout, teacher_forced_logps
+from src.rollout.rollout import RolloutSettings, RolloutStats, Scorer, rollout, teacher_forced_logps
 
-__all__ = ["Candidate", "Judge", "PairChoice", "RolloutSettings", "RolloutStats", "choose_pair", "merge_shards",
+__all__ = ["Candidate", "PairChoice", "RolloutSettings", "RolloutStats", "Scorer", "choose_pair", "merge_shards",
            "progress_path", "read_progress", "response_ids", "rollout", "sample_seed", "shard_path",
            "teacher_forced_logps"]

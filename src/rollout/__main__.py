@@ -2,7 +2,7 @@
 
     python -m src.rollout --ckpt checkpoints/sft/final --data data/synthav/train.jsonl --out runs/x/pairs.jsonl
         [--k 4 --temperature 1.0 --top-p 0.9 --max-new-tokens 128 --min-margin 0] [--batch-size 16] [--seed 0]
-        [--round R] [--rank R --world-size W] [--judge synth] [--device cuda]
+        [--round R] [--rank R --world-size W] [--judge synth|llm|hf --judge-config JUDGE.yaml] [--device cuda]
 
 Pairs are appended to OUT (with --world-size W > 1: OUT.rank{R}of{W}.jsonl, one file per rank) as they are made;
 OUT.progress lists every finished video, so running the same command again resumes where it stopped. The run's
@@ -17,18 +17,9 @@ import sys
 
 import torch
 
+from src.judge.factory import JUDGE_NAMES
 from src.rollout.files import shard_path
 from src.rollout.rollout import RolloutSettings, rollout
-
-JUDGES = ("synth",)
-
-
-def make_judge(name: str):
-    if name == "synth":
-        from src.judge.synth import SynthJudge
-
-        return SynthJudge()
-    raise ValueError(f"unknown judge {name!r}: expected one of {', '.join(JUDGES)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--round", type=int, default=None, help="round index written into each pair")
     parser.add_argument("--rank", type=int, default=0)
     parser.add_argument("--world-size", type=int, default=1)
-    parser.add_argument("--judge", choices=JUDGES, default="synth")
+    parser.add_argument("--judge", choices=JUDGE_NAMES, default="synth")
+    parser.add_argument("--judge-config", help="llm / hf judge settings: a JSON or YAML mapping (see src.evaluate)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     args = parser.parse_args(argv)
@@ -65,14 +57,23 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
 
     from src.data.manifest import read_manifest
+    from src.evaluate import read_judge_config
+    from src.judge.factory import check_settings, make_judge
     from src.models.build import load_base  # heavy imports after argument errors
 
-    rows = read_manifest(args.data, "sft")
-    model, processor = load_base(args.ckpt)
-    model.to(args.device)
-    out = shard_path(args.out, args.rank, args.world_size)
-    stats = rollout(model, processor, rows, make_judge(args.judge), out, settings, round_index=args.round,
-                    rank=args.rank, world_size=args.world_size, progress=not args.no_progress)
+    try:
+        judge_settings = read_judge_config(args.judge_config) if args.judge_config else {}
+        check_settings(args.judge, judge_settings, args.judge_config or "judge settings")
+        judge = make_judge(args.judge, **judge_settings)
+    except ValueError as err:
+        parser.error(str(err))
+    with judge:
+        rows = read_manifest(args.data, "sft")
+        model, processor = load_base(args.ckpt)
+        model.to(args.device)
+        out = shard_path(args.out, args.rank, args.world_size)
+        stats = rollout(model, processor, rows, judge, out, settings, round_index=args.round, rank=args.rank,
+                        world_size=args.world_size, progress=not args.no_progress)
     for error in stats.errors:
         print(f"error: {error}", file=sys.stderr)
     print(json.dumps({"out": out, **stats.as_dict()}), flush=True)

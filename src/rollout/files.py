@@ -60,7 +60,9 @@ def append_progress(out: str | os.PathLike, records: Iterable[Mapping]) -> None:
     text = "".join(json.dumps(dict(r), ensure_ascii=False, allow_nan=False) + "\n" for r in records)
     if not text:
         return
-    with open(progress_path(out), "ab") as f:
+    path = progress_path(out)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "ab") as f:
         f.write(text.encode("utf-8"))
         f.flush()
         os.fsync(f.fileno())

@@ -21,6 +21,7 @@ the uninterrupted run had: same samples, same pairs, same log-probs.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -43,13 +44,13 @@ from src.rollout.unshard import unsharded
 logger = logging.getLogger(__name__)
 
 
-class Judge(Protocol):
+class Scorer(Protocol):
     """Anything that counts a caption's errors against ground-truth event sentences (SynthJudge, an LLM judge)."""
 
     def score(self, caption: str, events: Sequence[str]) -> EventCounts: ...
 
 
-def score_all(judge: Judge, items: Sequence[tuple[str, Sequence[str]]]) -> list[EventCounts]:
+def score_all(judge: Scorer, items: Sequence[tuple[str, Sequence[str]]]) -> list[EventCounts]:
     """EventCounts per (caption, events), in order: one ``score_batch`` call when the judge has one (src.judge's
     judges do; LLM judges answer such a batch concurrently), else ``score`` per item."""
     if hasattr(judge, "score_batch"):
@@ -133,9 +134,9 @@ class _Video:
 
 
 @torch.no_grad()
-def rollout(model, processor, rows: Sequence, judge: Judge, out: str, settings: RolloutSettings | None = None, *,
-            round_index: int | None = None, rank: int = 0, world_size: int = 1,
-            progress: bool | None = None) -> RolloutStats:
+def rollout(model, processor, rows: Sequence, judge: Scorer, out: str | os.PathLike,
+            settings: RolloutSettings | None = None, *, round_index: int | None = None, rank: int = 0,
+            world_size: int = 1, progress: bool | None = None) -> RolloutStats:
     """Sample, judge and pair this rank's shard of ``rows`` (SFT rows with events), appending pairs to ``out``.
 
     ``out`` is this rank's own file (see ``files.shard_path``); its ``.progress`` log lists every finished video,
@@ -167,7 +168,7 @@ def rollout(model, processor, rows: Sequence, judge: Judge, out: str, settings: 
                 _sample(model, processor, videos, settings, device)
                 fresh = [v for v in videos if v.row.id not in done]
                 _write(model, processor, fresh, judge, out, settings, round_index, device, stats, eers)
-                bar.update(settings.k * sum(1 for v in fresh if v.error is None))
+                bar.update(settings.k * len(fresh))
     finally:
         model.train(was_training)
     stats.mean_eer = sum(eers) / len(eers) if eers else None
@@ -211,7 +212,7 @@ def _sample(model, processor, videos: list[_Video], settings: RolloutSettings, d
                                               finished=finished))
 
 
-def _write(model, processor, videos: list[_Video], judge: Judge, out: str, settings: RolloutSettings,
+def _write(model, processor, videos: list[_Video], judge: Scorer, out: str | os.PathLike, settings: RolloutSettings,
            round_index: int | None, device, stats: RolloutStats, eers: list[float]) -> None:
     """Judge, pair, fix up reference log-probs, then append the pairs and the progress records (in that order)."""
     for video in videos:
