@@ -8,13 +8,13 @@ a chat backend: ``llm`` (OpenAI-compatible HTTP endpoint) or ``hf`` (local Huggi
 ``prompts`` / ``answers``: what the LLM judges are asked and how their answers are validated.
 ``cache``: SQLite answer cache; ``extract``: atomic events from ground-truth captions.
 ``report`` / ``plot``: the markdown report, rates tables and the comparison PNG.
-``factory.make_judge(name, **settings)`` builds any of them from configuration.
+``factory.make_judge(name, **settings)`` (or a typed ``JudgeConfig`` in a recipe) builds any of them.
 """
 
 from src.judge.base import Judge, JudgeError, ScoreDetail
-from src.judge.factory import JUDGE_NAMES, make_judge
+from src.judge.factory import JUDGE_NAMES, JudgeConfig, make_judge
 from src.judge.metric import EventCounts, deloop, rates, repetition_counts
 from src.judge.synth import SynthJudge
 
-__all__ = ["EventCounts", "JUDGE_NAMES", "Judge", "JudgeError", "ScoreDetail", "SynthJudge", "deloop",
+__all__ = ["EventCounts", "JUDGE_NAMES", "Judge", "JudgeConfig", "JudgeError", "ScoreDetail", "SynthJudge", "deloop",
            "make_judge", "rates", "repetition_counts"]

@@ -34,8 +34,9 @@ class Judgement:
     hallucinated_events: list[str] = field(default_factory=list)
 
 
-def find_json(text: str, kind: type) -> dict | list:
-    """The first JSON value of type ``kind`` (dict or list) in ``text``."""
+def find_json(text: str, kind: type, key: str | None = None) -> dict | list:
+    """The first JSON value of type ``kind`` (dict or list) in ``text``; with ``key``, the first object holding
+    that key (so a stray "{}" in the prose before the answer is passed over)."""
     opener = "{" if kind is dict else "["
     start, tried = text.find(opener), 0
     while start != -1 and tried < MAX_JSON_STARTS:
@@ -43,10 +44,11 @@ def find_json(text: str, kind: type) -> dict | list:
             value, _ = _DECODER.raw_decode(text, start)
         except json.JSONDecodeError:
             value = None
-        if isinstance(value, kind):
+        if isinstance(value, kind) and (key is None or key in value):
             return value
         start, tried = text.find(opener, start + 1), tried + 1
-    raise AnswerError(f"no JSON {'object' if kind is dict else 'list'} in the answer")
+    what = "list" if kind is list else f"object with {key!r}" if key else "object"
+    raise AnswerError(f"no JSON {what} in the answer")
 
 
 def _count(obj: dict, key: str) -> int:
@@ -89,7 +91,7 @@ def _check_total(missed: int, incorrect: int, n_events: int) -> None:
 
 def parse_judgement(text: str, n_events: int) -> Judgement:
     """The full answer: counts plus the three event lists, each list as long as its count."""
-    obj = find_json(text, dict)
+    obj = find_json(text, dict, "missed")
     missed, incorrect, hallucination = (_count(obj, k) for k in ("missed", "incorrect", "hallucination"))
     _check_total(missed, incorrect, n_events)
     missed_events = _strings(obj, "missed_events")
@@ -105,7 +107,7 @@ def parse_judgement(text: str, n_events: int) -> Judgement:
 
 def parse_counts(text: str, n_events: int) -> Judgement:
     """The fallback answer: counts only, with correct + missed + incorrect == n_events."""
-    obj = find_json(text, dict)
+    obj = find_json(text, dict, "correct")
     correct, missed, incorrect, hallucination = (
         _count(obj, k) for k in ("correct", "missed", "incorrect", "hallucination"))
     if correct + missed + incorrect != n_events:
@@ -114,14 +116,15 @@ def parse_counts(text: str, n_events: int) -> Judgement:
 
 
 def parse_event_list(text: str) -> list[str]:
-    """An extraction answer: a non-empty JSON list of non-empty strings (or {"events": [...]})."""
+    """An extraction answer: an object {"events": [...]}, else the first JSON list, of non-empty strings."""
     try:
-        value = find_json(text, list)
+        obj = find_json(text, dict, "events")
     except AnswerError:
-        obj = find_json(text, dict)
-        value = obj.get("events")
+        value = find_json(text, list)
+    else:
+        value = obj["events"]
         if not isinstance(value, list):
-            raise AnswerError("no JSON list of events in the answer") from None
+            raise AnswerError("'events' must be a list")
     events = [v.strip() for v in value if isinstance(v, str) and v.strip()]
     if len(events) != len(value) or not events:
         raise AnswerError("the events must be a non-empty list of non-empty strings")

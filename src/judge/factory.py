@@ -8,11 +8,16 @@
 Settings are the fields of LLMSettings (llm) or HFSettings (hf) plus ProtocolSettings and ``cache`` (a path, an
 AnswerCache, or None for memory). An unknown setting is an error naming the valid ones, and a setting that looks
 like a key itself (api_key, key, token) is refused: configuration names the environment variable, never the key.
+
+``JudgeConfig`` is the same as a typed dataclass, for recipes read by LightningCLI / jsonargparse (a dict-typed
+argument would arrive as a string there): the MrDPO rollout takes one and calls ``build()``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+from dataclasses import dataclass
 from typing import Any
 
 from src.judge.base import Judge
@@ -48,6 +53,43 @@ def check_settings(name: str, settings: dict[str, Any], source: str = "judge set
     if unknown:
         valid = ", ".join(sorted(setting_names(name))) or "none"
         raise ValueError(f"{source}: unknown setting(s) {', '.join(unknown)} for the {name} judge (valid: {valid})")
+
+
+@dataclass
+class JudgeConfig:
+    """A judge as a recipe gives it: ``name`` plus the settings of that judge; None leaves a setting at its
+    default. ``api_key_env`` names the key's environment variable ("" for a server without a key). Settings of
+    the other judges must stay None (a typo'd judge name would otherwise silently ignore them)."""
+
+    name: str = "synth"
+    model: str | None = None
+    base_url: str | None = None
+    api_key_env: str | None = None
+    path: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    max_tokens: int | None = None
+    timeout: float | None = None
+    max_retries: int | None = None
+    concurrency: int | None = None
+    parse_retries: int | None = None
+    retry_temperature: float | None = None
+    on_failure: str | None = None
+    cache: str | None = None
+
+    def settings(self) -> dict[str, Any]:
+        given = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                 if f.name != "name" and getattr(self, f.name) is not None}
+        if given.get("api_key_env") == "":
+            given["api_key_env"] = None
+        return given
+
+    def build(self, cache: str | os.PathLike | None = None) -> Judge:
+        """The judge; ``cache`` (e.g. the run directory's file) is used when the config names none."""
+        settings = self.settings()
+        if cache is not None and self.name != "synth":
+            settings.setdefault("cache", cache)
+        return make_judge(self.name, **settings)
 
 
 def make_judge(name: str, **settings: Any) -> Judge:
