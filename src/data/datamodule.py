@@ -10,6 +10,8 @@ DataModule: it must call ``trainer.datamodule.on_before_batch_transfer`` itself.
 
 from __future__ import annotations
 
+import os
+
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -17,6 +19,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
+from src.data.clip_cache import ClipCache
 from src.data.clip_processor import ClipProcessor
 from src.data.media import FrameSampling
 from src.data.streaming import OnBadSample, SampleProcessor, Source, StreamCursor, StreamingDataset
@@ -28,8 +31,8 @@ def as_sources(value: Sources) -> list[Source]:
     """A manifest path, a list of Source, or None -> list of Source."""
     if value is None:
         return []
-    if isinstance(value, str):
-        return [Source(value)]
+    if isinstance(value, (str, os.PathLike)):
+        return [Source(os.fspath(value))]
     return [s if isinstance(s, Source) else Source(**s) for s in value]
 
 
@@ -49,6 +52,8 @@ class AVDataModule(pl.LightningDataModule):
         base: a model directory: its AVProcessor (saved with the model) encodes the samples for that model.
         on_bad_sample: "skip" (report, count, quarantine, continue) or "raise".
         run_dir: where quarantine.jsonl goes; defaults to the trainer's log_dir.
+        cache_dir: a directory for decoded clips (``clip_cache.ClipCache``): epochs after the first read them
+            instead of decoding again. Off by default; worth it when decoding rivals the step (small models).
     """
 
     kind: Literal["sft", "preference"] = "sft"
@@ -57,7 +62,7 @@ class AVDataModule(pl.LightningDataModule):
                  num_workers: int = 2, shuffle_buffer: int = 10_000, seed: int = 0,
                  sampling: FrameSampling | None = None, processor: SampleProcessor | None = None,
                  base: str | None = None, on_bad_sample: OnBadSample = "skip", run_dir: str | None = None,
-                 check_media: bool = True):
+                 check_media: bool = True, cache_dir: str | None = None):
         super().__init__()
         self.sources = {"train": as_sources(train), "val": as_sources(val), "test": as_sources(test)}
         self.batch_size, self.num_workers = batch_size, num_workers
@@ -69,6 +74,10 @@ class AVDataModule(pl.LightningDataModule):
 
             processor = AVProcessor.from_pretrained(base)
         self.processor = processor or ClipProcessor(sampling or FrameSampling())
+        if cache_dir is not None:
+            if not hasattr(self.processor, "clip_cache"):
+                raise ValueError(f"cache_dir: {type(self.processor).__name__} has no clip_cache to use it")
+            self.processor.clip_cache = ClipCache(cache_dir)
         self.on_bad_sample, self.run_dir, self.check_media = on_bad_sample, run_dir, check_media
         self.datasets: dict[str, StreamingDataset] = {}
         self._train_state: dict[str, Any] | None = None

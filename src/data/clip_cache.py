@@ -1,0 +1,109 @@
+"""A disk cache of decoded clips, so that epochs after the first skip video and audio decoding.
+
+Decoding (PyAV: demux, H.264/AAC decode, scale, resample) is most of a small model's data cost: on SynthAV with the
+tiny model it takes about as long as the training step itself and competes with it for the same CPU cores. The
+cache stores what ``media.load_clip`` returns (uint8 frames, their times, float32 audio: exactly, so a cached
+epoch sees the same tensors as a decoded one), one safetensors file per clip, keyed by the media files' paths,
+sizes and modification times and by every setting that changes the decode (frame sampling, sample rate,
+use_audio). A changed file or setting is a new key, never a stale hit. Writes are atomic (temp file + rename), so
+DataLoader workers and ranks may share one cache directory; a corrupt entry is reported, removed and re-decoded.
+Bad media are never cached: their error is raised again each time, for the stream to report and count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from src.data.media import AVClip, FrameSampling, load_clip
+
+log = logging.getLogger(__name__)
+
+
+def _file_stamp(path: str | None) -> list | None:
+    if path is None:
+        return None
+    st = os.stat(path)
+    return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
+
+
+class ClipCache:
+    """``get(video, audio, sampling=..., use_audio=..., sample_rate=..., decode=load_clip)`` -> AVClip."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.hits = self.misses = 0
+
+    def key(self, video: str | None, audio: str | None, sampling: FrameSampling, use_audio: bool,
+            sample_rate: int) -> str:
+        """A stat() of each file per call: cheap next to a decode, and it catches files rewritten in place."""
+        fields = {"video": _file_stamp(video), "audio": _file_stamp(audio), "sampling": asdict(sampling),
+                  "use_audio": use_audio, "sample_rate": sample_rate}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+    def path(self, key: str) -> Path:
+        return self.directory / key[:2] / f"{key}.safetensors"
+
+    def get(self, video: str | None, audio: str | None, *, sampling: FrameSampling, use_audio: bool,
+            sample_rate: int, decode: Callable[..., AVClip]) -> AVClip:
+        try:
+            key = self.key(video, audio, sampling, use_audio, sample_rate)
+        except OSError:  # a missing file: let the decoder raise its own, well-described error
+            return decode(video, audio, sampling=sampling, use_audio=use_audio, sample_rate=sample_rate)
+        path = self.path(key)
+        if path.is_file():
+            clip = self._read(path)
+            if clip is not None:
+                self.hits += 1
+                return clip
+        clip = decode(video, audio, sampling=sampling, use_audio=use_audio, sample_rate=sample_rate)
+        self._write(path, clip)
+        self.misses += 1
+        return clip
+
+    @staticmethod
+    def _read(path: Path) -> AVClip | None:
+        try:
+            with safe_open(path, framework="pt") as f:
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+                fields = json.loads(f.metadata()["clip"])
+        except (OSError, SafetensorError, ValueError, KeyError) as err:
+            log.warning("clip cache: dropping unreadable entry %s (%s)", path, err)
+            path.unlink(missing_ok=True)
+            return None
+        return AVClip(path=fields["path"], frames=tensors.get("frames"), frame_times=tensors.get("frame_times"),
+                      audio=tensors.get("audio"), audio_start=fields["audio_start"],
+                      sample_rate=fields["sample_rate"], duration=fields["duration"],
+                      audio_status=fields["audio_status"])
+
+    @staticmethod
+    def _write(path: Path, clip: AVClip) -> None:
+        tensors = {name: getattr(clip, name).contiguous() for name in ("frames", "frame_times", "audio")
+                   if getattr(clip, name) is not None}
+        fields = {"path": clip.path, "audio_start": clip.audio_start, "sample_rate": clip.sample_rate,
+                  "duration": clip.duration, "audio_status": clip.audio_status}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            save_file(tensors, tmp, metadata={"clip": json.dumps(fields)})
+            os.replace(tmp, path)
+        except OSError as err:  # a full or read-only disk costs speed, never the sample
+            log.warning("clip cache: could not write %s (%s)", path, err)
+            tmp.unlink(missing_ok=True)
+
+
+def load_clip_cached(cache: ClipCache | None, video: str | None, audio: str | None, *, sampling: FrameSampling,
+                     use_audio: bool, sample_rate: int) -> AVClip:
+    """``media.load_clip`` through ``cache`` when there is one."""
+    if cache is None:
+        return load_clip(video, audio, sampling=sampling, use_audio=use_audio, sample_rate=sample_rate)
+    return cache.get(video, audio, sampling=sampling, use_audio=use_audio, sample_rate=sample_rate, decode=load_clip)
