@@ -337,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     judge.add_argument("--judge-config", help="JSON or YAML mapping of judge settings")
     judge.add_argument("--judge-model", help="llm: model name at the endpoint")
     judge.add_argument("--base-url", help="llm: OpenAI-compatible base URL (default https://api.openai.com/v1)")
-    judge.add_argument("--api-key-env", help="llm: NAME of the environment variable holding the key")
+    judge.add_argument("--api-key-env", help="llm: NAME of the environment variable holding the key (\"\": none)")
     judge.add_argument("--judge-path", help="hf: local causal-LM directory")
     judge.add_argument("--judge-device", help="hf: device (default cuda if available)")
     judge.add_argument("--judge-dtype", help="hf: auto, float32, bfloat16 or float16")

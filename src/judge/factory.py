@@ -26,6 +26,8 @@ from src.judge.llm import LLMSettings
 from src.judge.protocol import ProtocolSettings
 
 JUDGE_NAMES = ("synth", "llm", "hf")
+# Captions in flight when not configured: an endpoint serves many requests at once; a local model runs one.
+DEFAULT_CONCURRENCY = {"llm": 8, "hf": 1}
 SECRET_NAMES = frozenset({"api_key", "key", "token", "secret", "password", "openai_api_key"})
 
 
@@ -71,6 +73,8 @@ class JudgeConfig:
     max_tokens: int | None = None
     timeout: float | None = None
     max_retries: int | None = None
+    backoff: float | None = None
+    max_backoff: float | None = None
     concurrency: int | None = None
     parse_retries: int | None = None
     retry_temperature: float | None = None
@@ -78,11 +82,8 @@ class JudgeConfig:
     cache: str | None = None
 
     def settings(self) -> dict[str, Any]:
-        given = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                 if f.name != "name" and getattr(self, f.name) is not None}
-        if given.get("api_key_env") == "":
-            given["api_key_env"] = None
-        return given
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name != "name" and getattr(self, f.name) is not None}
 
     def build(self, cache: str | os.PathLike | None = None) -> Judge:
         """The judge; ``cache`` (e.g. the run directory's file) is used when the config names none."""
@@ -93,7 +94,8 @@ class JudgeConfig:
 
 
 def make_judge(name: str, **settings: Any) -> Judge:
-    """Build the named judge. synth takes no settings; llm needs ``model``; hf needs ``path``."""
+    """Build the named judge. synth takes no settings; llm needs ``model``; hf needs ``path``. Unless given,
+    concurrency is DEFAULT_CONCURRENCY (llm 8, hf 1)."""
     check_settings(name, settings)
     if name == "synth":
         from src.judge.synth import SynthJudge
@@ -104,7 +106,8 @@ def make_judge(name: str, **settings: Any) -> Judge:
         raise ValueError(f"the {name} judge needs the setting {required!r}")
     from src.judge.protocol import PromptJudge
 
-    protocol = ProtocolSettings(**{k: v for k, v in settings.items() if k in _fields(ProtocolSettings)})
+    protocol = ProtocolSettings(**{"concurrency": DEFAULT_CONCURRENCY[name],
+                                   **{k: v for k, v in settings.items() if k in _fields(ProtocolSettings)}})
     cache = settings.get("cache")
     if name == "llm":
         from src.judge.llm import ChatClient

@@ -36,8 +36,9 @@ RETRY_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 
 @dataclass
 class LLMSettings:
-    """Where and how to ask. timeout: seconds per HTTP request. max_retries: transport retries per request.
-    max_tokens: answer cap (part of the cache key)."""
+    """Where and how to ask. api_key_env: the NAME of the variable holding the key (None or "": send none).
+    timeout: seconds per HTTP request. max_retries: transport retries per request. max_tokens: answer cap (part of
+    the cache key)."""
 
     model: str
     base_url: str = DEFAULT_BASE_URL
@@ -49,6 +50,8 @@ class LLMSettings:
     max_tokens: int = 2048
 
     def __post_init__(self):
+        if self.api_key_env == "":
+            self.api_key_env = None  # "" from a command line or recipe: a server without a key
         if not self.model:
             raise ValueError("the llm judge needs a model name (settings 'model', CLI --judge-model)")
         if not self.base_url.startswith(("http://", "https://")):
