@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
-from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+from src.models.sharding import copy_full_, full_tensor, local_tensor, reshard_all
 
 ADAPTER = "default"
 
@@ -83,11 +84,6 @@ def lora_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
             if ADAPTER in layer.lora_A]
 
 
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's rows of a DTensor (a view: writing it writes the parameter), or the tensor itself."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
-
-
 def _row_sharded_alike(weight: torch.Tensor, other: torch.Tensor) -> bool:
     """True when both are plain tensors, or DTensors on one mesh whose placements shard dim 0 only (FSDP2,
     HSDP): then rows i of both local tensors are the same global rows."""
@@ -120,7 +116,7 @@ def fold_lora_(model: torch.nn.Module) -> int:
     the fold, adapter-on output = base + 2 x delta until reset_lora_ runs; always call them together (fold,
     then reset). Not peft's merge(): that marks the adapter merged, and disabling it would un-merge.
     """
-    _reshard(model)
+    reshard_all(model)
     folded = 0
     for name, layer in lora_layers(model):
         if ADAPTER not in layer.lora_A:
@@ -131,8 +127,8 @@ def fold_lora_(model: torch.nn.Module) -> int:
         if not _row_sharded_alike(weight, b):
             raise NotImplementedError(f"{name}: base weight and lora_B are not row-sharded alike "
                                       f"({_placements(weight)} vs {_placements(b)}); only FSDP/HSDP layouts fold")
-        a_full = a.full_tensor() if isinstance(a, DTensor) else a
-        w_local, b_local = _local(weight), _local(b)
+        a_full = full_tensor(a)
+        w_local, b_local = local_tensor(weight), local_tensor(b)
         delta = (b_local.float() @ a_full.float().to(b_local.device)) * float(layer.scaling[ADAPTER])
         w_local.copy_((w_local.float() + delta).to(w_local.dtype))
         folded += 1
@@ -148,21 +144,16 @@ def reset_lora_(model: torch.nn.Module, generator: torch.Generator) -> int:
     ``torch.Generator().manual_seed(seed + round)``). With B = 0 the adapter adds nothing, so adapter-on output
     == adapter-disabled output right after a reset.
     """
-    _reshard(model)
+    reshard_all(model)
     count = 0
     for name, layer in lora_layers(model):
         if ADAPTER not in layer.lora_A:
             continue
         a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
-        full_a = torch.empty(tuple(a.shape), dtype=torch.float32)
+        full_a = torch.empty(tuple(a.shape), dtype=torch.float32, device="cpu")
         torch.nn.init.kaiming_uniform_(full_a, a=math.sqrt(5), generator=generator)
-        if isinstance(a, DTensor):
-            # each rank slices the same full tensor: no communication (src_data_rank=None)
-            rows = distribute_tensor(full_a.to(a.device), a.device_mesh, a.placements, src_data_rank=None)
-            _local(a).copy_(rows.to_local())
-        else:
-            a.copy_(full_a)
-        _local(b).zero_()
+        copy_full_(a, full_a)
+        local_tensor(b).zero_()
         count += 1
     return count
 
@@ -203,10 +194,3 @@ def adapters_disabled(model: torch.nn.Module):
 def _placements(tensor: torch.Tensor) -> str:
     return str(tuple(tensor.placements)) if isinstance(tensor, DTensor) else "plain tensor"
 
-
-def _reshard(model: torch.nn.Module) -> None:
-    """FSDP2 units left unsharded (e.g. a root after forward with reshard_after_forward=False) expose gathered
-    copies as their parameters; writes there would be lost. Resharding first makes the parameters the shards."""
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()

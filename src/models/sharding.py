@@ -4,7 +4,8 @@ and the root, so each unit's parameters are gathered only while that unit runs."
 from __future__ import annotations
 
 import torch
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 
 def shard_model(model, device_mesh, *, param_dtype: torch.dtype | None = None) -> None:
@@ -17,3 +18,37 @@ def shard_model(model, device_mesh, *, param_dtype: torch.dtype | None = None) -
     for unit in units:
         fully_shard(unit, **kwargs)
     fully_shard(model, **kwargs)
+
+
+# -- writing parameters that may be FSDP2 shards (DTensor) ------------------------------------------------------
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor (a view: writing it writes the parameter), or the tensor itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor (an all-gather for a DTensor: a collective, call on every rank)."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+@torch.no_grad()
+def copy_full_(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Write the whole-tensor value ``full`` into ``param``; a DTensor keeps its own part (every rank slices the
+    same ``full``: no communication)."""
+    if isinstance(param, DTensor):
+        part = distribute_tensor(full.to(param.device, param.dtype), param.device_mesh, param.placements,
+                                 src_data_rank=None)
+        param.to_local().copy_(part.to_local())
+    else:
+        param.copy_(full)
+
+
+def reshard_all(model: torch.nn.Module) -> None:
+    """Make every FSDP2 unit's registered parameters its shards again. The root keeps its gathered copies after
+    forward (reshard_after_forward defaults to False there): writes to shards are invisible to the next forward,
+    and writes to gathered copies are lost, until this runs."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
