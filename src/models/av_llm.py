@@ -71,6 +71,7 @@ class AVOutput:
     logits: torch.Tensor | None
     hidden_states: torch.Tensor
     cache: DynamicCache | None = None
+    inputs_embeds: torch.Tensor | None = None  # (b, s, d) what the LLM read, media features scattered in
 
 
 class AVLLM(PreTrainedModel):
@@ -136,15 +137,22 @@ class AVLLM(PreTrainedModel):
 
     def embed(self, input_ids: torch.Tensor, pixel_values_videos: torch.Tensor | None = None,
               video_grid_thw: torch.Tensor | None = None, input_features: torch.Tensor | None = None,
-              audio_chunks: list[int] | None = None, audio_windows: list[int] | None = None) -> torch.Tensor:
-        """(b, s) ids -> (b, s, d) embeddings with the media features scattered in."""
+              audio_chunks: list[int] | None = None, audio_windows: list[int] | None = None,
+              media_repeats: int = 1) -> torch.Tensor:
+        """(b, s) ids -> (b, s, d) embeddings with the media features scattered in.
+
+        ``media_repeats`` k: the rows are k blocks of b / k sequences, block j row i using sample i's media (e.g.
+        the chosen, rejected and ground-truth responses of a preference batch). The encoders run once on the
+        samples' media and their features fill every block."""
         embeds = self.get_input_embeddings()(input_ids)
         if pixel_values_videos is not None:
+            features = self.video_embeddings(pixel_values_videos, video_grid_thw)
             embeds = self._scatter(embeds, input_ids, self.config.qwen_config.video_token_id,
-                                   self.video_embeddings(pixel_values_videos, video_grid_thw), "video")
+                                   features.repeat(media_repeats, 1), "video")
         if input_features is not None and sum(audio_windows):
+            features = self.audio_embeddings(input_features, audio_chunks, audio_windows)
             embeds = self._scatter(embeds, input_ids, self.config.audio_token_id,
-                                   self.audio_embeddings(input_features, audio_chunks, audio_windows), "audio")
+                                   features.repeat(media_repeats, 1), "audio")
         return embeds
 
     @staticmethod
@@ -162,21 +170,23 @@ class AVLLM(PreTrainedModel):
                 video_grid_thw: torch.Tensor | None = None, input_features: torch.Tensor | None = None,
                 audio_chunks: list[int] | None = None, audio_windows: list[int] | None = None,
                 inputs_embeds: torch.Tensor | None = None, cache: DynamicCache | None = None,
-                use_cache: bool = False, return_logits: bool = True, **_: object) -> AVOutput:
+                use_cache: bool = False, return_logits: bool = True, media_repeats: int = 1,
+                **_: object) -> AVOutput:
         """position_ids (3, b, s) from the processor; labels (b, s) are the input ids with -100 outside the
-        response (shifted inside the loss)."""
+        response (shifted inside the loss); media_repeats: see ``embed``."""
         if position_ids is None or position_ids.dim() != 3 or position_ids.shape[0] != 3:
             raise ValueError("AVLLM needs 3-D position_ids (3, b, s) from the processor; 1-D positions would "
                              "silently drop the time axis of M-RoPE")
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids, pixel_values_videos, video_grid_thw, input_features, audio_chunks,
-                                       audio_windows)
+                                       audio_windows, media_repeats)
         out = self.llm(inputs_embeds=inputs_embeds, position_ids=position_ids, attention_mask=attention_mask,
                        cache=cache, use_cache=use_cache)
         hidden = out.last_hidden_state
         logits = self.lm_head(hidden) if return_logits or labels is not None else None
         loss = None if labels is None else mean_response_ce(logits, labels)
-        return AVOutput(loss=loss, logits=logits if return_logits else None, hidden_states=hidden, cache=out.cache)
+        return AVOutput(loss=loss, logits=logits if return_logits else None, hidden_states=hidden, cache=out.cache,
+                        inputs_embeds=inputs_embeds)
 
 
 def count_parameters(module: nn.Module) -> int:

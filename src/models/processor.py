@@ -10,6 +10,7 @@ checkpoint always decodes its inputs the way it was trained.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 import transformers
 
+from src.data.manifest import PreferenceRow
 from src.data.media import AVClip, FrameSampling, load_clip
 from src.losses.logprobs import IGNORE_INDEX
 from src.models.audio import AudioSettings, log_mel_chunks, num_windows
@@ -25,6 +27,7 @@ from src.models.layout import AVLayout, VideoGrid, sequence_positions, span_toke
 from src.models.tokenizer import DEFAULT_SYSTEM, chat_ids, special_ids
 
 PROCESSOR_FILE = "av_processor.json"
+RESPONSES = ("chosen", "rejected", "gt")  # the sequences of a preference sample, in batch block order
 DEFAULT_PROMPT = "Describe this video in detail: what is seen and what is heard, in the order it happens."
 # OpenAI CLIP statistics, as Qwen2.5-VL's image processor uses
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -114,6 +117,22 @@ class AVProcessor:
     # -- one sample --------------------------------------------------------------------------------------
     def encode(self, clip: AVClip | None, prompt: str | None = None, response: str | None = None) -> dict[str, Any]:
         """Model inputs of one sample. labels are -100 except the response and its end token."""
+        sample, spans, span_ids = self._media(clip)
+        sample.update(self._sequence(spans, span_ids, prompt, response))
+        return sample
+
+    def encode_preference(self, clip: AVClip | None, prompt: str | None,
+                          responses: dict[str, str | None]) -> dict[str, Any]:
+        """The media inputs once, and one sequence per named response (e.g. chosen, rejected, gt): under each name
+        a dict of input_ids, labels, position_ids, rope_delta, response_start (None for a response that is None).
+        Every sequence holds the same media span at the same place, so the encoders' features fit each of them."""
+        sample, spans, span_ids = self._media(clip)
+        for name, text in responses.items():
+            sample[name] = None if text is None else self._sequence(spans, span_ids, prompt, text)
+        return sample
+
+    def _media(self, clip: AVClip | None) -> tuple[dict[str, Any], list[AVLayout], list[int]]:
+        """Media inputs of one sample, its layout spans and the span's placeholder ids."""
         sample: dict[str, Any] = {"pixel_values_videos": None, "video_grid_thw": None, "input_features": None,
                                   "audio_windows": 0}
         grid = None
@@ -130,6 +149,10 @@ class AVProcessor:
             types = span_token_types(layout)
             span_ids = torch.where(types == 1, self.video_token_id, self.audio_token_id).tolist()
             spans.append(layout)
+        return sample, spans, span_ids
+
+    def _sequence(self, spans: list[AVLayout], span_ids: list[int], prompt: str | None,
+                  response: str | None) -> dict[str, Any]:
         ids, response_start, _ = chat_ids(self.tokenizer, prompt or self.settings.prompt, system=self.settings.system,
                                           span=span_ids, response=response)
         input_ids = torch.tensor(ids, dtype=torch.long)
@@ -139,9 +162,8 @@ class AVProcessor:
         labels[:response_start] = IGNORE_INDEX
         if response is None:
             labels[:] = IGNORE_INDEX
-        sample.update(input_ids=input_ids, labels=labels, position_ids=positions, rope_delta=rope_delta,
-                      response_start=response_start)
-        return sample
+        return dict(input_ids=input_ids, labels=labels, position_ids=positions, rope_delta=rope_delta,
+                    response_start=response_start)
 
     def load_clip(self, video: str | None, audio: str | None = None, *, use_audio: bool = True) -> AVClip:
         """Decode a clip with this processor's frame sampling and audio rate (BadSampleError on failure)."""
@@ -152,28 +174,73 @@ class AVProcessor:
         """A manifest row -> decoded, encoded sample (runs in DataLoader workers; media errors propagate as
         BadSampleError for the stream to quarantine)."""
         clip = self.load_clip(row.video, row.audio, use_audio=row.use_audio)
-        sample = self.encode(clip, row.prompt, getattr(row, "caption", None))
+        if isinstance(row, PreferenceRow):
+            sample = self.encode_preference(clip, row.prompt, {name: getattr(row, name) for name in RESPONSES})
+            sample["ref_chosen_logp"], sample["ref_rejected_logp"] = row.ref_chosen_logp, row.ref_rejected_logp
+        else:
+            sample = self.encode(clip, row.prompt, getattr(row, "caption", None))
         sample["id"] = row.id
         return sample
 
     # -- batches -----------------------------------------------------------------------------------------
     def collate(self, samples: list[dict[str, Any]], padding_side: str = "right") -> dict[str, Any]:
         """Pad to the longest sample. Padding: pad id, label -100, attention 0, position 1 (never attended).
-        Media tensors are concatenated in sample order, which is the order of their placeholders."""
-        length = max(s["input_ids"].numel() for s in samples)
-        b = len(samples)
+        Media tensors are concatenated in sample order, which is the order of their placeholders. Preference
+        samples (from encode_preference) go to collate_preference."""
+        if "chosen" in samples[0]:
+            return self.collate_preference(samples, padding_side)
+        batch = self._pad(samples, padding_side) | self._media_batch(samples)
+        if "id" in samples[0]:
+            batch["id"] = [s["id"] for s in samples]
+        return batch
+
+    def collate_preference(self, samples: list[dict[str, Any]], padding_side: str = "right") -> dict[str, Any]:
+        """b preference samples -> one batch whose sequences are stacked in blocks of b, media once per sample.
+
+        input_ids / labels / attention_mask (k*b, s), position_ids (3, k*b, s), rope_deltas (k*b,): block j holds
+        response ``responses[j]`` of samples 0..b-1, in the order chosen, rejected, then gt when any sample has
+        one (a sample without gt gets its prompt alone there, labels all -100, and has_gt False). The media
+        tensors are those of the b samples once: AVLLM(..., media_repeats=k) reuses their features for every
+        block. ref_chosen_logps / ref_rejected_logps (b,) float32: the rows' summed reference log-probs, NaN
+        where a row has none."""
+        names = [n for n in RESPONSES if n != "gt" or any(s.get("gt") is not None for s in samples)]
+        sequences = [s[name] if s.get(name) is not None else self._prompt_only(s["chosen"])
+                     for name in names for s in samples]
+        batch = self._pad(sequences, padding_side) | self._media_batch(samples)
+        batch["responses"] = names
+        batch["has_gt"] = torch.tensor([s.get("gt") is not None for s in samples])
+        for key in ("ref_chosen_logp", "ref_rejected_logp"):
+            batch[key + "s"] = torch.tensor([math.nan if s.get(key) is None else s[key] for s in samples],
+                                            dtype=torch.float32)
+        if "id" in samples[0]:
+            batch["id"] = [s["id"] for s in samples]
+        return batch
+
+    @staticmethod
+    def _prompt_only(sequence: dict[str, Any]) -> dict[str, Any]:
+        n = sequence["response_start"]
+        return dict(input_ids=sequence["input_ids"][:n], labels=torch.full((n,), IGNORE_INDEX, dtype=torch.long),
+                    position_ids=sequence["position_ids"][:, :n], rope_delta=sequence["rope_delta"],
+                    response_start=n)
+
+    def _pad(self, sequences: list[dict[str, Any]], padding_side: str) -> dict[str, Any]:
+        length = max(s["input_ids"].numel() for s in sequences)
+        b = len(sequences)
         input_ids = torch.full((b, length), self.pad_token_id, dtype=torch.long)
         labels = torch.full((b, length), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((b, length), dtype=torch.long)
         position_ids = torch.ones((3, b, length), dtype=torch.long)
-        for i, s in enumerate(samples):
+        for i, s in enumerate(sequences):
             n = s["input_ids"].numel()
             cols = slice(length - n, length) if padding_side == "left" else slice(0, n)
             input_ids[i, cols], labels[i, cols], attention_mask[i, cols] = s["input_ids"], s["labels"], 1
             position_ids[:, i, cols] = s["position_ids"]
-        batch: dict[str, Any] = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
-                                 "position_ids": position_ids,
-                                 "rope_deltas": torch.tensor([s["rope_delta"] for s in samples])}
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
+                "position_ids": position_ids, "rope_deltas": torch.tensor([s["rope_delta"] for s in sequences])}
+
+    @staticmethod
+    def _media_batch(samples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch: dict[str, Any] = {}
         videos = [s for s in samples if s["pixel_values_videos"] is not None]
         if videos:
             batch["pixel_values_videos"] = torch.cat([s["pixel_values_videos"] for s in videos])
@@ -183,8 +250,6 @@ class AVProcessor:
             batch["input_features"] = torch.cat([s["input_features"] for s in audios])
             batch["audio_chunks"] = [s["input_features"].shape[0] for s in audios]
             batch["audio_windows"] = [s["audio_windows"] for s in audios]
-        if "id" in samples[0]:
-            batch["id"] = [s["id"] for s in samples]
         return batch
 
     # -- persistence -------------------------------------------------------------------------------------
