@@ -75,6 +75,43 @@ def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     return {k: batch[k] for k in MODEL_INPUTS if k in batch}
 
 
+def build_trainable_model(base: str, trainable: tuple[str, ...], lora: LoraSettings,
+                          activation_checkpointing: bool = False):
+    """Load the base (train mode), attach LoRA when "lora" is among ``trainable``, set the trainable parts."""
+    model, processor = load_base(base)
+    model.train()  # from_pretrained returns eval mode; LoRA dropout and any dropout must be live
+    if "lora" in trainable:  # first: peft freezes every non-LoRA parameter when it injects
+        attach_lora(model, lora)
+    set_trainable(model, trainable)
+    if activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, processor
+
+
+def shard_under_model_parallel(module: pl.LightningModule, model) -> None:
+    """Under ModelParallelStrategy (``module.device_mesh`` set), shard ``model`` with FSDP2 (bf16 compute when the
+    trainer's precision is bf16); otherwise nothing."""
+    if getattr(module, "device_mesh", None) is None:
+        return
+    from src.models.sharding import shard_model
+
+    bf16 = str(module.trainer.precision).startswith("bf16")
+    shard_model(model, module.device_mesh, param_dtype=torch.bfloat16 if bf16 else None)
+
+
+def adamw(params: list[torch.nn.Parameter], lr: float, optim: OptimSettings) -> torch.optim.AdamW:
+    return torch.optim.AdamW(params, lr=lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
+
+
+def log_grad_norm_and_lr(module: pl.LightningModule, optimizer) -> None:
+    """train/grad_norm (L2 over every gradient, before clipping) and train/lr; for on_before_optimizer_step."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if grads:
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        module.log("train/grad_norm", norm)
+    module.log("train/lr", optimizer.param_groups[0]["lr"])
+
+
 class SFTModule(pl.LightningModule):
     def __init__(self, base: str, stage: Stage = "sft", trainable: list[str] | None = None,
                  lora: LoraSettings = LoraSettings(), lr: float = 2e-5, optim: OptimSettings = OptimSettings(),
@@ -97,19 +134,9 @@ class SFTModule(pl.LightningModule):
         """Load the base and set the trainable parameters; under ModelParallelStrategy shard it with FSDP2."""
         if self.model is not None:
             return
-        model, self.processor = load_base(self.base)
-        model.train()  # from_pretrained returns eval mode; LoRA dropout and any dropout must be live
-        if "lora" in self.trainable:  # first: peft freezes every non-LoRA parameter when it injects
-            attach_lora(model, self.lora)
-        set_trainable(model, self.trainable)
-        if self.activation_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.model = model
-        if getattr(self, "device_mesh", None) is not None:  # ModelParallelStrategy: FSDP2
-            from src.models.sharding import shard_model
-
-            bf16 = str(self.trainer.precision).startswith("bf16")
-            shard_model(self.model, self.device_mesh, param_dtype=torch.bfloat16 if bf16 else None)
+        self.model, self.processor = build_trainable_model(self.base, self.trainable, self.lora,
+                                                           self.activation_checkpointing)
+        shard_under_model_parallel(self, self.model)
 
     def forward(self, batch: dict[str, Any]):
         return self.model(**model_inputs(batch))
@@ -129,19 +156,14 @@ class SFTModule(pl.LightningModule):
         self.log("val/loss", self(batch).loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if grads:
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-            self.log("train/grad_norm", norm)
-        self.log("train/lr", optimizer.param_groups[0]["lr"])
+        log_grad_norm_and_lr(self, optimizer)
 
     # -- optimisation --------------------------------------------------------------------------------------
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
         if not params:
             raise ValueError(f"stage {self.stage!r} with trainable {self.trainable} leaves nothing to train")
-        optimizer = torch.optim.AdamW(params, lr=self.lr, betas=tuple(self.optim.betas),
-                                      weight_decay=self.optim.weight_decay)
+        optimizer = adamw(params, self.lr, self.optim)
         total = int(self.trainer.estimated_stepping_batches)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, total, self.optim.warmup_ratio, self.optim.min_lr_ratio))
