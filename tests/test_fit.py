@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from src import fit
+from src.lit.dpo import DPOModule
 from src.lit.sft import SFTModule, warmup_cosine
 from src.models.lora import LoraSettings
 from src.models.build import build_tiny, load_base
@@ -49,7 +50,7 @@ def test_there_are_recipes_and_each_opens_with_its_command():
 def test_every_recipe_instantiates_with_tiny_overrides(recipe, tiny_base, synthav, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cli = instantiate(recipe, tiny_overrides(tiny_base, synthav))
-    assert isinstance(cli.model, SFTModule) and cli.trainer.max_steps == 2
+    assert isinstance(cli.model, (SFTModule, DPOModule)) and cli.trainer.max_steps == 2
 
 
 def test_nested_overrides_arrive_typed(tiny_base, synthav, tmp_path, monkeypatch):

@@ -1,0 +1,244 @@
+"""DPOModule: (g)DPO on preference pairs, the training step of one MrDPO round.
+
+One step, for a batch of b pairs (src.models.processor.AVProcessor.collate_preference):
+
+- Policy: ONE forward over the stacked sequences [chosen x b | rejected x b | gt x b] (gt only when
+  ``gt_weight`` > 0), with the audio/visual encoders run once per sample and their features placed in every
+  block (AVLLM ``media_repeats``). log pi(y|x) = SUM of response-token log-probs (response + end token);
+  the ground-truth term is each pair's MEAN token cross-entropy over its gt caption.
+- Reference: the pair rows' ``ref_chosen_logp`` / ``ref_rejected_logp`` when present (the rollout records them
+  under the round-start model: no reference forward at all). For rows without them, one no-grad pass of the
+  round-start model (src.models.reference.reference_mode: adapter bypassed, eval mode, the round-start values of
+  trainable non-LoRA parameters swapped in); under FSDP2 that pass has collectives, so every rank runs it as soon
+  as one rank needs it. When no non-LoRA parameter trains, the media path is the same for
+  reference and policy, so that pass also hands its input embeddings to the policy forward: the encoders still
+  run once (the price: the reference LLM pass also covers the gt block). Otherwise the reference runs the
+  encoders with its own aligner/merger values, and the policy runs them again.
+- Loss: mean over pairs of gdpo_loss = preference loss (``loss_type`` sigmoid | ipo) + gt_weight * gt CE.
+  gt_weight is the paper's lambda (0.1); 0 gives plain DPO and skips the gt sequences. With gt_weight > 0 every
+  pair must carry a ``gt`` caption (an error otherwise, never a silent drop of the term).
+
+Round state (set by the MultiRoundDPO callback through ``start_round``, saved in checkpoints): ``round`` (logged
+as mrdpo/round), the reference snapshot, and where the LR schedule last restarted. The schedule is linear
+warm-up + cosine over ``schedule_steps`` optimizer steps (None: the whole run), restarted by start_round.
+
+Logs (TRL's names): rewards/{chosen,rejected,margins,accuracies}, logps/{chosen,rejected}, loss/{dpo,gt_ce},
+train/loss, mrdpo/round, train/lr, train/grad_norm; validation the same under val/.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+
+from src.lit.sft import (OptimSettings, adamw, build_trainable_model, log_grad_norm_and_lr,
+                         shard_under_model_parallel, warmup_cosine)
+from src.losses.dpo import BETA, GT_WEIGHT, PREFERENCE_LOSSES, gdpo_loss, preference_stats
+from src.losses.logprobs import response_ce, sequence_logps
+from src.models.lora import LoraSettings, clear_optimizer_state_, fold_lora_, lora_parameters, reset_lora_
+from src.models.reference import ReferenceSnapshot, reference_mode
+
+LossType = Literal["sigmoid", "ipo"]
+DPO_TRAINABLE = ("lora", "aligner", "merger")  # the paper's DPO stage: a fresh LoRA + aligner + visual merger
+MEDIA_INPUTS = ("pixel_values_videos", "video_grid_thw", "input_features", "audio_chunks", "audio_windows")
+CHECKPOINT_KEY = "dpo"
+
+
+def response_rows(batch: dict[str, Any], rows: int) -> dict[str, torch.Tensor]:
+    """The first ``rows`` stacked sequences, without the columns that are padding in all of them."""
+    attention = batch["attention_mask"][:rows]
+    keep = attention.any(0)
+    return {"input_ids": batch["input_ids"][:rows, keep], "attention_mask": attention[:, keep],
+            "labels": batch["labels"][:rows, keep], "position_ids": batch["position_ids"][:, :rows][:, :, keep]}
+
+
+def model_call(sequences: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tensor]:
+    """Forward arguments for the first ``rows`` sequences (labels stay out: the model would compute an SFT loss)."""
+    return {"input_ids": sequences["input_ids"][:rows], "attention_mask": sequences["attention_mask"][:rows],
+            "position_ids": sequences["position_ids"][:, :rows]}
+
+
+def on_any_rank(flag: bool, device: torch.device) -> bool:
+    """``flag`` or-ed over the ranks. A reference pass issues collectives (FSDP2 all-gathers), so every rank must
+    run it as soon as one rank needs it; one all-reduce of a scalar per step."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
+class DPOModule(pl.LightningModule):
+    """Args:
+        base: the model directory to start from (the SFT export, LoRA already merged).
+        beta: DPO temperature (0.1). gt_weight: lambda of gDPO, weight of the gt caption's mean CE (0.1; 0 = DPO).
+        loss_type: "sigmoid" (DPO) or "ipo".
+        trainable: parts from src.lit.sft.TRAINABLE_PARTS (default lora + aligner + merger).
+        lora: settings of the fresh adapter. lr, optim: AdamW and the warm-up + cosine schedule.
+        schedule_steps: optimizer steps of one LR cycle (a round); None = the whole run.
+    """
+
+    def __init__(self, base: str, beta: float = BETA, gt_weight: float = GT_WEIGHT, loss_type: LossType = "sigmoid",
+                 trainable: list[str] | None = None, lora: LoraSettings = LoraSettings(), lr: float = 5e-6,
+                 optim: OptimSettings = OptimSettings(), schedule_steps: int | None = None,
+                 activation_checkpointing: bool = False):
+        super().__init__()
+        if loss_type not in PREFERENCE_LOSSES:
+            raise ValueError(f"loss_type must be one of {tuple(PREFERENCE_LOSSES)}, got {loss_type!r}")
+        if beta <= 0 or gt_weight < 0:
+            raise ValueError(f"need beta > 0 and gt_weight >= 0, got beta={beta}, gt_weight={gt_weight}")
+        if schedule_steps is not None and schedule_steps < 1:
+            raise ValueError(f"schedule_steps must be >= 1 or None, got {schedule_steps}")
+        self.save_hyperparameters()
+        self.base, self.beta, self.gt_weight, self.loss_type, self.lr = base, beta, gt_weight, loss_type, lr
+        self.lora = lora if isinstance(lora, LoraSettings) else LoraSettings(**lora)
+        self.optim = optim if isinstance(optim, OptimSettings) else OptimSettings(**optim)
+        self.trainable = tuple(trainable) if trainable is not None else DPO_TRAINABLE
+        self.schedule_steps, self.activation_checkpointing = schedule_steps, activation_checkpointing
+        self.model = None
+        self.processor = None
+        self.round = 0
+        self.schedule_start = 0  # scheduler step at which the current LR cycle began
+        self.reference_snapshot = ReferenceSnapshot()
+
+    # -- model ---------------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Load the base, attach a fresh LoRA, set the trainable parts, snapshot the round-start values of the
+        trainable non-LoRA parameters (before sharding: a plain copy), then shard under ModelParallelStrategy."""
+        if self.model is not None:
+            return
+        self.model, self.processor = build_trainable_model(self.base, self.trainable, self.lora,
+                                                           self.activation_checkpointing)
+        self.reference_snapshot = ReferenceSnapshot.take(self.model)
+        shard_under_model_parallel(self, self.model)
+
+    def start_round(self, index: int, generator: torch.Generator) -> None:
+        """A round boundary, as this module sees it; call on every rank (collectives under FSDP2). Folds the LoRA
+        into the base in place and re-initialises it (A from ``generator``, which must be in the same state on
+        every rank; B = 0), forgets the LoRA tensors' optimizer state, snapshots the trainable non-LoRA parameters
+        (the next reference = the model now), sets ``round`` and restarts the LR schedule. The policy's function
+        is unchanged by all of this."""
+        fold_lora_(self.model)
+        reset_lora_(self.model, generator)
+        for optimizer in self.trainer.optimizers:
+            clear_optimizer_state_(optimizer, lora_parameters(self.model))
+        self.reference_snapshot = ReferenceSnapshot.take(self.model)
+        self.round = index
+        self.restart_schedule()
+
+    def restart_schedule(self) -> None:
+        """The next optimizer step takes the first warm-up LR of a new cycle (written into the optimizer now:
+        the scheduler's own update already happened for this step)."""
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            self.schedule_start = scheduler.last_epoch
+            for group, base_lr, fn in zip(scheduler.optimizer.param_groups, scheduler.base_lrs,
+                                          scheduler.lr_lambdas):
+                group["lr"] = base_lr * fn(scheduler.last_epoch)
+
+    # -- the step's maths ----------------------------------------------------------------------------------
+    def response_blocks(self, batch: dict[str, Any]) -> int:
+        """2 (chosen, rejected) or 3 (+ gt, when gt_weight > 0; then every pair must have a gt caption)."""
+        names = list(batch["responses"])
+        if names[:2] != ["chosen", "rejected"]:
+            raise ValueError(f"a preference batch stacks chosen, rejected[, gt]; got {names}")
+        if self.gt_weight == 0:
+            return 2
+        has_gt = batch["has_gt"]
+        if "gt" not in names or not bool(has_gt.all()):
+            ids = [i for i, has in zip(batch.get("id", range(len(has_gt))), has_gt.tolist()) if not has]
+            raise ValueError(f"gt_weight={self.gt_weight} needs a ground-truth caption ('gt') in every pair; "
+                             f"pairs without one: {ids[:5]} (gt_weight 0 trains plain DPO)")
+        return 3
+
+    def reference_logps(self, batch: dict[str, Any], sequences: dict[str, torch.Tensor], blocks: int
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(b,) summed reference log-probs of chosen and rejected from a no-grad pass of the round-start model,
+        and the input embeddings for the policy when they are shareable (else None)."""
+        b = batch["has_gt"].shape[0]
+        share = not self.reference_snapshot  # nothing but LoRA trains: media path identical to the policy's
+        rows = blocks * b if share else 2 * b
+        media = {k: batch[k] for k in MEDIA_INPUTS if k in batch}
+        with reference_mode(self.model, self.reference_snapshot):
+            out = self.model(**model_call(sequences, rows), **media, media_repeats=rows // b)
+            logps = sequence_logps(out.logits[:2 * b], sequences["labels"][:2 * b])
+        return logps[:b], logps[b:], (out.inputs_embeds if share else None)
+
+    def preference_forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Per-pair (b,) tensors: policy_chosen, policy_rejected, ref_chosen, ref_rejected (summed log-probs) and
+        gt_ce (mean CE over the gt caption; zeros when gt_weight is 0)."""
+        b = batch["has_gt"].shape[0]
+        blocks = self.response_blocks(batch)
+        sequences = response_rows(batch, blocks * b)
+        ref_chosen, ref_rejected = batch["ref_chosen_logps"].float(), batch["ref_rejected_logps"].float()
+        missing = ref_chosen.isnan() | ref_rejected.isnan()
+        inputs_embeds = None
+        if on_any_rank(bool(missing.any()), ref_chosen.device):
+            computed_chosen, computed_rejected, inputs_embeds = self.reference_logps(batch, sequences, blocks)
+            ref_chosen = torch.where(missing, computed_chosen, ref_chosen)
+            ref_rejected = torch.where(missing, computed_rejected, ref_rejected)
+        if inputs_embeds is not None:
+            inputs = {"inputs_embeds": inputs_embeds}
+        else:
+            inputs = {k: batch[k] for k in MEDIA_INPUTS if k in batch}
+        logits = self.model(**model_call(sequences, blocks * b), **inputs, media_repeats=blocks).logits
+        logps = sequence_logps(logits[:2 * b], sequences["labels"][:2 * b])
+        gt_ce = (response_ce(logits[2 * b:], sequences["labels"][2 * b:])[0] if blocks == 3
+                 else torch.zeros_like(ref_chosen))
+        return {"policy_chosen": logps[:b], "policy_rejected": logps[b:], "ref_chosen": ref_chosen,
+                "ref_rejected": ref_rejected, "gt_ce": gt_ce}
+
+    def loss_and_stats(self, out: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Mean gDPO loss over the pairs, and the pair-averaged statistics to log."""
+        logps = (out["policy_chosen"], out["policy_rejected"], out["ref_chosen"], out["ref_rejected"])
+        preference = PREFERENCE_LOSSES[self.loss_type]
+        per_pair = gdpo_loss(*logps, out["gt_ce"], beta=self.beta, gt_weight=self.gt_weight, preference=preference)
+        stats = {name: value.mean() for name, value in preference_stats(*logps, beta=self.beta).items()}
+        stats["loss/dpo"] = preference(*logps, beta=self.beta).detach().mean()
+        if self.gt_weight > 0:
+            stats["loss/gt_ce"] = out["gt_ce"].detach().mean()
+        return per_pair.mean(), stats
+
+    # -- steps ---------------------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss, stats = self.loss_and_stats(self.preference_forward(batch))
+        b = batch["has_gt"].shape[0]
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=b)
+        self.log_dict(stats, batch_size=b)
+        self.log("mrdpo/round", float(self.round), batch_size=b)
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        loss, stats = self.loss_and_stats(self.preference_forward(batch))
+        b = batch["has_gt"].shape[0]
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=b)
+        self.log_dict({f"val/{k}": v for k, v in stats.items()}, sync_dist=True, batch_size=b)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        log_grad_norm_and_lr(self, optimizer)
+
+    # -- optimisation --------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError(f"trainable {self.trainable} leaves nothing to train")
+        optimizer = adamw(params, self.lr, self.optim)
+        total = self.schedule_steps or int(self.trainer.estimated_stepping_batches)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(
+            step - self.schedule_start, total, self.optim.warmup_ratio, self.optim.min_lr_ratio))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # -- checkpoints ---------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Round index, LR cycle start and the reference snapshot: a mid-round resume keeps its reference."""
+        checkpoint[CHECKPOINT_KEY] = {"round": self.round, "schedule_start": self.schedule_start,
+                                      "reference_snapshot": self.reference_snapshot.state_dict()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get(CHECKPOINT_KEY)
+        if state is None:
+            raise KeyError(f"checkpoint has no {CHECKPOINT_KEY!r} entry: not written by DPOModule")
+        self.round, self.schedule_start = int(state["round"]), int(state["schedule_start"])
+        self.reference_snapshot = ReferenceSnapshot(state["reference_snapshot"])
