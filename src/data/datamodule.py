@@ -145,6 +145,8 @@ class AVDataModule(pl.LightningDataModule):
 
 
 class PreferenceDataModule(AVDataModule):
-    """The same stream over preference rows (chosen / rejected / gt and optional reference log-probs)."""
+    """The same stream over preference rows (chosen / rejected / gt and optional reference log-probs). With a
+    model's AVProcessor (``base``), a batch holds each sample's media once and its responses stacked in blocks
+    (AVProcessor.collate_preference): what src.lit.dpo.DPOModule trains on."""
 
     kind = "preference"
