@@ -176,9 +176,11 @@ def test_stacked_pass_equals_separate_sequences_and_reference_is_the_start_model
     assert torch.allclose(out["gt_ce"], torch.stack(gt), atol=1e-5)
 
 
-def test_reference_from_rows_is_used_as_given(tiny_base, synthav, tmp_path):
-    """Given ref log-probs, the loss is the hand formula on them: -log sigmoid(beta h) + 0.1 * CE."""
-    module = module_for(tiny_base)
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_reference_from_rows_is_used_as_given(tiny_base, synthav, tmp_path, loss_type):
+    """Given ref log-probs, the loss is the hand formula on them: -log sigmoid(beta h) (or IPO's
+    (h - 1/(2 beta))^2) + 0.1 * CE."""
+    module = module_for(tiny_base, loss_type=loss_type)
     ref = {f"train-00000{i}": (-20.0 - i, -30.0 + i) for i in range(4)}
     batch, _ = preference_batch(module, write_pairs(synthav, tmp_path / "p.jsonl", ref=ref))
     out = module.preference_forward(batch)
@@ -186,7 +188,8 @@ def test_reference_from_rows_is_used_as_given(tiny_base, synthav, tmp_path):
     assert out["ref_rejected"].tolist() == [-30.0, -29.0, -28.0, -27.0]
     loss, stats = module.loss_and_stats(out)
     h = (out["policy_chosen"] - out["ref_chosen"]) - (out["policy_rejected"] - out["ref_rejected"])
-    expected = (torch.log1p(torch.exp(-0.1 * h)) + 0.1 * out["gt_ce"]).mean()
+    preference = torch.log1p(torch.exp(-0.1 * h)) if loss_type == "sigmoid" else (h - 5.0) ** 2
+    expected = (preference + 0.1 * out["gt_ce"]).mean()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
     assert stats["rewards/margins"].item() == pytest.approx((0.1 * h).mean().item(), rel=1e-6)
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
@@ -28,11 +29,32 @@ def tiny_base(tmp_path_factory):
     return build_tiny(tmp_path_factory.mktemp("tiny-base"), tokenizer_texts=300)
 
 
-def recipe_copy(folder: Path) -> Path:
-    """dpo.yaml with a CSV logger, written in ``folder``."""
+class RoundAtStep(pl.Callback):
+    """A round boundary after optimizer step ``step`` (what the MultiRoundDPO callback does to the module)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            pl_module.start_round(1, torch.Generator().manual_seed(11))
+
+
+def recipe_copy(folder: Path, *, round_at: int | None = None, stop_after: int | None = None) -> Path:
+    """dpo.yaml with a CSV logger and a checkpoint every step (optionally a round boundary and a stop), written
+    in ``folder``."""
     recipe = yaml.safe_load(DPO_RECIPE.read_text())
     recipe["trainer"]["logger"] = {"class_path": "lightning.pytorch.loggers.CSVLogger",
                                    "init_args": {"save_dir": "logs", "name": "run"}}
+    for callback in recipe["trainer"]["callbacks"]:
+        if callback["class_path"].endswith("ModelCheckpoint"):
+            callback["init_args"]["every_n_train_steps"] = 1
+    if round_at is not None:
+        recipe["trainer"]["callbacks"].append({"class_path": "tests.test_dpo_recipe.RoundAtStep",
+                                               "init_args": {"step": round_at}})
+    if stop_after is not None:
+        recipe["trainer"]["callbacks"].append({"class_path": "tests.test_fit.StopAfter",
+                                               "init_args": {"step": stop_after}})
     path = folder / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
@@ -63,6 +85,31 @@ def test_dpo_recipe_trains_logs_and_exports(tiny_base, synthav, tmp_path, monkey
     moved = [n for n, p in model.state_dict().items() if not torch.equal(p, start.state_dict()[n])]
     assert any("q_proj" in n for n in moved) and any(n.startswith("aligner.") for n in moved)
     assert not any(n.startswith("whisper.") or ".visual.blocks." in n for n in moved)
+
+
+def test_resume_after_a_round_boundary_repeats_the_uninterrupted_run(tiny_base, synthav, tmp_path, monkeypatch):
+    """Round 1 starts after step 1 (fold, fresh LoRA, snapshot, LR restart); stopping after step 3 and resuming
+    gives the 5-step run's weights: the checkpoint carries the round, the LR cycle start (step 5's LR is
+    warmup_cosine(3, 4) = 0.25 x lr, not the 0 of a cycle started at step 0) and the reference snapshot (the pairs
+    have no reference log-probs, so the reference pass uses the snapshot after the resume)."""
+    pairs = write_pairs(synthav, tmp_path / "pairs.jsonl", n=8)
+    args = overrides(tiny_base, pairs, max_steps=5) + ["--model.init_args.schedule_steps=4"]
+
+    def run(root: Path, *extra: str, stop_after: int | None = None) -> None:
+        root.mkdir(exist_ok=True)
+        monkeypatch.chdir(root)
+        fit.main(["--recipe", str(recipe_copy(root, round_at=1, stop_after=stop_after)), *args, *extra])
+
+    run(tmp_path / "full")
+    run(tmp_path / "part", stop_after=3)
+    run(tmp_path / "part", f"--resume={tmp_path / 'part' / 'checkpoints' / 'dpo' / 'ckpts' / 'last.ckpt'}")
+    a = load_base(tmp_path / "full" / "checkpoints" / "dpo" / "final")[0].state_dict()
+    b = load_base(tmp_path / "part" / "checkpoints" / "dpo" / "final")[0].state_dict()
+    bad = {k: (a[k] - b[k]).abs().max().item() for k in a if not torch.allclose(a[k], b[k], atol=1e-6)}
+    assert not bad, sorted(bad.items(), key=lambda kv: -kv[1])[:10]
+    rounds = [float(r["mrdpo/round"]) for r in csv.DictReader(open(next((tmp_path / "full").glob(
+        "logs/**/metrics.csv")))) if r.get("mrdpo/round")]
+    assert rounds == [0.0, 1.0, 1.0, 1.0, 1.0]
 
 
 def fit_subprocess(root: Path, recipe: Path, args: list[str], timeout: int = 300) -> None:
