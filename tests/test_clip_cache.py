@@ -115,3 +115,18 @@ def test_cache_dir_needs_a_processor_that_can_use_it(tmp_path, synthav):
 
     with pytest.raises(ValueError, match="cache_dir"):
         AVDataModule(train=synthav / "train.jsonl", processor=Plain(), cache_dir=str(tmp_path))
+
+
+def test_model_processor_reads_through_the_cache(tmp_path, synthav):
+    from src.data.datamodule import AVDataModule
+    from src.models.build import build_tiny
+
+    base = build_tiny(tmp_path / "base", tokenizer_texts=300)
+    dm = AVDataModule(train=synthav / "train.jsonl", base=str(base), cache_dir=str(tmp_path / "cache"))
+    row = read_manifest(synthav / "train.jsonl")[0]
+    decoded = dm.processor(row)
+    cached = dm.processor(row)
+    assert dm.processor.clip_cache.hits == 1 and dm.processor.clip_cache.misses == 1
+    assert decoded.keys() == cached.keys()
+    for key, value in decoded.items():
+        assert torch.equal(value, cached[key]) if isinstance(value, torch.Tensor) else value == cached[key]

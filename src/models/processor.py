@@ -20,7 +20,8 @@ import torch
 import transformers
 
 from src.data.manifest import PreferenceRow
-from src.data.media import AVClip, FrameSampling, load_clip
+from src.data.clip_cache import ClipCache, load_clip_cached
+from src.data.media import AVClip, FrameSampling
 from src.losses.logprobs import IGNORE_INDEX
 from src.models.audio import AudioSettings, log_mel_chunks, num_windows
 from src.models.layout import AVLayout, VideoGrid, sequence_positions, span_token_types
@@ -91,6 +92,7 @@ class AVProcessor:
     def __init__(self, tokenizer, settings: ProcessorSettings | None = None):
         self.tokenizer = tokenizer
         self.settings = settings or ProcessorSettings()
+        self.clip_cache: ClipCache | None = None
         ids = special_ids(tokenizer)
         self.video_token_id, self.audio_token_id = ids["<|video_pad|>"], ids["<|audio_pad|>"]
         self.eos_token_id, self.pad_token_id = ids["<|im_end|>"], ids["<|endoftext|>"]
@@ -166,9 +168,10 @@ class AVProcessor:
                     response_start=response_start)
 
     def load_clip(self, video: str | None, audio: str | None = None, *, use_audio: bool = True) -> AVClip:
-        """Decode a clip with this processor's frame sampling and audio rate (BadSampleError on failure)."""
-        return load_clip(video, audio, sampling=self.settings.sampling, use_audio=use_audio,
-                         sample_rate=self.settings.audio.sample_rate)
+        """Decode a clip with this processor's frame sampling and audio rate (BadSampleError on failure), through
+        ``clip_cache`` when the DataModule set one."""
+        return load_clip_cached(self.clip_cache, video, audio, sampling=self.settings.sampling, use_audio=use_audio,
+                                sample_rate=self.settings.audio.sample_rate)
 
     def __call__(self, row) -> dict[str, Any]:
         """A manifest row -> decoded, encoded sample (runs in DataLoader workers; media errors propagate as
