@@ -6,13 +6,19 @@ Lightning calls for exactly the batch about to be trained on (its prefetched bat
 this module's ``state_dict``, so Lightning's checkpoints carry it and ``fit(ckpt_path=...)`` resumes the stream at
 the next sample. A LightningModule that overrides ``on_before_batch_transfer`` takes that hook from the
 DataModule: it must call ``trainer.datamodule.on_before_batch_transfer`` itself.
+
+Data that changes during a run (MrDPO: each round trains on the pairs its rollout just wrote): set ``train_source``
+to a callable returning the manifest(s); ``train_dataloader()`` calls it each time Lightning asks for the loader
+(with ``reload_dataloaders_every_n_epochs=1``, at every epoch start). A new source ends the old stream (dataset and
+cursor dropped) and starts the new one from its beginning. A saved cursor names the sources it belongs to, and a
+resume applies it to those sources only (a mismatch is an error, never a cursor applied to other data).
 """
 
 from __future__ import annotations
 
 import os
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -80,7 +86,9 @@ class AVDataModule(pl.LightningDataModule):
             self.processor.clip_cache = ClipCache(cache_dir)
         self.on_bad_sample, self.run_dir, self.check_media = on_bad_sample, run_dir, check_media
         self.datasets: dict[str, StreamingDataset] = {}
-        self._train_state: dict[str, Any] | None = None
+        self._train_state: dict[str, Any] | None = None  # a checkpoint's cursor, until the train dataset takes it
+        self._train_state_sources: list[list] | None = None  # the sources that cursor belongs to
+        self.train_source: Callable[[], Sources] | None = None
 
     # -- datasets ----------------------------------------------------------------------------------------
     def _run_dir(self) -> str | None:
@@ -98,7 +106,9 @@ class AVDataModule(pl.LightningDataModule):
                 shuffle_buffer=self.shuffle_buffer if train else 0, on_bad_sample=self.on_bad_sample,
                 run_dir=self._run_dir(), check_media=self.check_media, num_workers=self.num_workers)
             if train and self._train_state is not None:
+                self._check_cursor_sources()
                 ds.load_state_dict(self._train_state)
+                self._train_state = self._train_state_sources = None
             self.datasets[split] = ds
         return self.datasets[split]
 
@@ -108,7 +118,19 @@ class AVDataModule(pl.LightningDataModule):
                           worker_init_fn=single_threaded_worker, persistent_workers=False, pin_memory=False)
 
     def train_dataloader(self) -> DataLoader:
+        if self.train_source is not None:
+            self.use_train_sources(self.train_source())
         return self._loader("train")
+
+    def use_train_sources(self, value: Sources) -> None:
+        """Train on ``value`` from the next ``train_dataloader()`` on. Other data than now: the current stream (its
+        dataset and cursor) ends; a checkpoint's cursor still waiting to be restored is kept (it names its data)."""
+        sources = as_sources(value)
+        if not sources:
+            raise ValueError(f"{type(self).__name__}: train_source gave no training manifest")
+        if sources != self.sources["train"]:
+            self.sources["train"] = sources
+            self.datasets.pop("train", None)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")
@@ -127,20 +149,33 @@ class AVDataModule(pl.LightningDataModule):
         """Bad training samples skipped so far on this rank (since the start of the run, resumes included)."""
         return self.datasets["train"].cursor.bad_samples if "train" in self.datasets else 0
 
+    def _source_list(self) -> list[list]:
+        return [[s.path, s.weight] for s in self.sources["train"]]
+
+    def _check_cursor_sources(self) -> None:
+        saved = self._train_state_sources
+        if saved is not None and saved != self._source_list():
+            raise ValueError(f"cannot resume the data stream: the checkpoint's cursor belongs to the training data "
+                             f"{saved}, this run trains on {self._source_list()}")
+
     def state_dict(self) -> dict[str, Any]:
-        """The training cursor of every rank merged into one (Lightning saves rank 0's dict only)."""
+        """The training cursor of every rank merged into one (Lightning saves rank 0's dict only), with the training
+        sources it belongs to."""
         if "train" not in self.datasets:
-            return {"train": self._train_state} if self._train_state else {}
+            if not self._train_state:
+                return {}
+            return {"train": self._train_state, "train_sources": self._train_state_sources}
         local = self.datasets["train"].state_dict()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             states: list[Any] = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(states, local)
         else:
             states = [local]
-        return {"train": StreamCursor.merged(states)}
+        return {"train": StreamCursor.merged(states), "train_sources": self._source_list()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._train_state = state_dict.get("train")
+        self._train_state_sources = state_dict.get("train_sources")  # absent in checkpoints of older code
         self.datasets.pop("train", None)
 
 
