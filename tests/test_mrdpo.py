@@ -310,6 +310,41 @@ def test_killed_mid_rollout_and_mid_round_then_resumed_equals_the_uninterrupted_
     assert any(not torch.equal(wa[k], start[k]) for k in wa if "q_proj" in k)
 
 
+@pytest.mark.slow
+def test_fsdp2_on_two_cpu_processes_runs_the_rounds_like_one_process(steered_base, synthav, tmp_path):
+    """2 ranks under FSDP2 (gloo): start_round on shards, each rank's rollout shard with whole weights, the merge,
+    the evaluation split over the ranks and judged on rank 0, the export; no collective left waiting. The rollout
+    and the start model's evaluation equal one process's (pairs by id: the per-sample seeds do not depend on the
+    rank). Training differs from one process only in the order of the merged pairs, so the later rows are not
+    compared."""
+    runs = {}
+    for name, extra in (("single", []), ("fsdp2", [
+            "--trainer.devices=2", "--trainer.strategy=lightning.pytorch.strategies.ModelParallelStrategy",
+            "--trainer.strategy.data_parallel_size=2", "--trainer.strategy.tensor_parallel_size=1",
+            "--data.init_args.batch_size=1"])):
+        root = tmp_path / name
+        root.mkdir()
+        runs[name] = root
+        run_to_end(start_fit(root, ["--recipe", str(mrdpo_recipe(root, synthav)), *overrides(steered_base), *extra]))
+    tables = {name: json.loads((root / "runs" / "mrdpo" / "rounds.json").read_text()) for name, root in runs.items()}
+    assert [row["round"] for row in tables["fsdp2"]] == [0, 1, 2]
+    assert {k: tables["fsdp2"][0][k] for k in ROW_KEYS if k != "minutes"} == {
+        k: tables["single"][0][k] for k in ROW_KEYS if k != "minutes"}
+    pairs = {name: {p.id: p for p in read_manifest(root / "runs" / "mrdpo" / "rounds" / "r0" / "pairs.jsonl",
+                                                   "preference")} for name, root in runs.items()}
+    assert pairs["fsdp2"].keys() == pairs["single"].keys()
+    for key, p in pairs["fsdp2"].items():
+        q = pairs["single"][key]
+        assert (p.chosen, p.rejected) == (q.chosen, q.rejected)
+        assert abs(p.ref_chosen_logp - q.ref_chosen_logp) < LOGP_ATOL and abs(
+            p.ref_rejected_logp - q.ref_rejected_logp) < LOGP_ATOL
+    assert read_manifest(runs["fsdp2"] / "runs" / "mrdpo" / "rounds" / "r1" / "pairs.jsonl", "preference")
+    final = load_base(runs["fsdp2"] / "checkpoints" / "mrdpo" / "final")[0].state_dict()
+    start = load_base(steered_base)[0].state_dict()
+    assert not any(".lora_" in k for k in final) and any(not torch.equal(final[k], start[k]) for k in final
+                                                          if "q_proj" in k)
+
+
 # -- pieces ------------------------------------------------------------------------------------------------
 
 def test_round_subsets_are_fixed_per_round_and_in_manifest_order():
