@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 SYNTH  := data/synthav
 SEED   ?= 0
 
-.PHONY: install lint test test-all data base sft bench clean-venv
+.PHONY: install lint test test-all data base sft mrdpo mrdpo-single-round mrdpo-no-gt bench clean-venv
 
 install: $(STAMP)
 
@@ -47,6 +47,21 @@ sft: data base
 	$(PY) -m src.fit --recipe recipes/align.yaml
 	$(PY) -m src.fit --recipe recipes/sft.yaml
 	$(PY) -m src.evaluate --ckpt checkpoints/sft/final --data $(SYNTH)/test.jsonl --judge synth
+
+# Multi-round DPO from the SFT export (recipes/mrdpo.yaml; `make sft` first when checkpoints/sft/final is missing):
+# prints the per-round caption-error table, writes runs/mrdpo/rounds.json and checkpoints/mrdpo/rounds.json, exports
+# checkpoints/mrdpo/final. A killed run resumes with: $(PY) -m src.fit --recipe recipes/mrdpo.yaml --resume last
+# The ablations (same budget): single-round DPO with a fixed reference, and lambda 0 (no ground-truth guidance).
+SFT_EXPORT := checkpoints/sft/final/config.json
+
+$(SFT_EXPORT):
+	$(MAKE) sft
+
+mrdpo: data | $(SFT_EXPORT)
+	$(PY) -m src.fit --recipe recipes/mrdpo.yaml
+
+mrdpo-single-round mrdpo-no-gt: data | $(SFT_EXPORT)
+	$(PY) -m src.fit --recipe recipes/$(subst -,_,$@).yaml
 
 # Judge a checkpoint on the SynthAV test split; results, report and samples land in the checkpoint directory.
 #   make eval CKPT=checkpoints/mrdpo/final
