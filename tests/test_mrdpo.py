@@ -48,9 +48,10 @@ def steered_base(tmp_path_factory, synthav):
 
 
 def mrdpo_recipe(folder: Path, synthav: Path, *, rounds: int = 2, steps: int = 2, callback: str | None = None,
-                 extra_callbacks: tuple[str, ...] = ()) -> Path:
+                 extra_callbacks: tuple[str, ...] = (), evaluate: bool = True) -> Path:
     """recipes/mrdpo.yaml sized for a test: 6 of the 8 SynthAV clips per rollout, 16-token samples and eval
-    captions, a checkpoint every step, a CSV logger; written in ``folder``."""
+    captions (of the 2 test clips; no evaluation unless ``evaluate``), a checkpoint every step, a CSV logger;
+    written in ``folder``."""
     recipe = yaml.safe_load(RECIPE.read_text())
     callbacks = recipe["trainer"]["callbacks"]
     for entry in callbacks:
@@ -58,7 +59,7 @@ def mrdpo_recipe(folder: Path, synthav: Path, *, rounds: int = 2, steps: int = 2
             entry["class_path"] = callback or entry["class_path"]
             entry["init_args"].update(
                 rounds=rounds, steps_per_round=steps, rollout_videos=6, videos=str(synthav / "train.jsonl"),
-                eval_data=str(synthav / "test.jsonl"), eval_max_new_tokens=16,
+                eval_data=str(synthav / "test.jsonl") if evaluate else None, eval_max_new_tokens=16,
                 rollout={"k": 4, "max_new_tokens": 16, "batch_size": 4, "seed": 3})
         if entry["class_path"].endswith("ModelCheckpoint") and "every_n_train_steps" in entry["init_args"]:
             entry["init_args"]["every_n_train_steps"] = 1
@@ -213,6 +214,16 @@ def test_loop_settings_that_contradict_the_rounds_are_refused(steered_base, synt
         fit.main(["--recipe", str(recipe), *overrides(steered_base), "--trainer.max_steps=5",
                   "--trainer.limit_train_batches=3"])
     assert not (tmp_path / "runs" / "mrdpo" / "rounds").exists()
+
+
+def test_without_eval_data_the_table_has_pairs_and_minutes_only(steered_base, synthav, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recipe = mrdpo_recipe(tmp_path, synthav, rounds=1, steps=1, evaluate=False)
+    fit.main(["--recipe", str(recipe), *overrides(steered_base)])
+    table = json.loads((tmp_path / "runs" / "mrdpo" / "rounds.json").read_text())
+    pairs = len(read_manifest(tmp_path / "runs" / "mrdpo" / "rounds" / "r0" / "pairs.jsonl", "preference"))
+    assert [(row["round"], row["eer"], row["pairs"]) for row in table] == [(0, None, 0), (1, None, pairs)]
+    assert not (tmp_path / "runs" / "mrdpo" / "eval").exists()
 
 
 # -- a real kill, twice, then the uninterrupted result -------------------------------------------------------

@@ -248,7 +248,7 @@ class MultiRoundDPO(pl.Callback):
         if r > 0 and self.started_round < 0:
             raise RuntimeError(f"resumed at round {r} without MultiRoundDPO state: the checkpoint was not written by "
                                "this callback (a DPO or SFT run's checkpoint cannot continue as MrDPO)")
-        if self.eval_data is not None and not self._has_row(r):
+        if not self._has_row(r):
             self._record(r, self._evaluate(r))
         if self.started_round < r:
             if r > 0:
@@ -321,10 +321,8 @@ class MultiRoundDPO(pl.Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         r = trainer.current_epoch
         self._stop_train_clock()
-        if self.eval_data is not None and not self._has_row(r + 1):
+        if not self._has_row(r + 1):
             self._record(r + 1, self._evaluate(r + 1))
-        elif self.eval_data is None and not self._has_row(r + 1):
-            self._record(r + 1, None)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero and self.rows:
@@ -334,7 +332,9 @@ class MultiRoundDPO(pl.Callback):
     def _evaluate(self, k: int) -> dict | None:
         """Row k's rates: the policy now (LoRA on) captions eval_data greedily, the judge scores it. Row 0 reuses
         the base's eval.json when it fits. Every rank captions rows[rank::world] with whole weights; rank 0
-        judges and writes ``eval/round{k}``; the result is broadcast."""
+        judges and writes ``eval/round{k}``; the result is broadcast. None without ``eval_data``."""
+        if self.eval_data is None:
+            return None
         from src.data.manifest import read_manifest
         from src.evaluate import generate_captions, judge_captions, write_outputs
         from src.rollout.unshard import unsharded
