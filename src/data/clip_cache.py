@@ -39,8 +39,7 @@ class ClipCache:
     """``get(video, audio, sampling=..., use_audio=..., sample_rate=..., decode=load_clip)`` -> AVClip."""
 
     def __init__(self, directory: str | os.PathLike):
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory = Path(directory)  # created at the first write
         self.hits = self.misses = 0
 
     def key(self, video: str | None, audio: str | None, sampling: FrameSampling, use_audio: bool,
