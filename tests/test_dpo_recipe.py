@@ -4,9 +4,6 @@ merged model that loads; and (slow) FSDP2 on 2 CPU processes matches one process
 from __future__ import annotations
 
 import csv
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -17,6 +14,7 @@ import yaml
 from src import fit
 from src.models.build import build_tiny, load_base
 from tests.test_dpo_module import write_pairs
+from tests.test_fit import fit_subprocess
 
 ROOT = Path(__file__).resolve().parents[1]
 DPO_RECIPE = ROOT / "recipes" / "dpo.yaml"
@@ -110,13 +108,6 @@ def test_resume_after_a_round_boundary_repeats_the_uninterrupted_run(tiny_base, 
     rounds = [float(r["mrdpo/round"]) for r in csv.DictReader(open(next((tmp_path / "full").glob(
         "logs/**/metrics.csv")))) if r.get("mrdpo/round")]
     assert rounds == [0.0, 1.0, 1.0, 1.0, 1.0]
-
-
-def fit_subprocess(root: Path, recipe: Path, args: list[str], timeout: int = 300) -> None:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "src.fit", "--recipe", str(recipe), *args], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-4000:]
 
 
 @pytest.mark.slow
