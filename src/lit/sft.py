@@ -7,7 +7,8 @@
 
 ``trainable`` overrides a stage's set; it names parts from TRAINABLE_PARTS ("llm" = the whole decoder, used by the
 embedded default whose tiny base starts from random weights). Loss: per-example mean cross-entropy over response
-tokens, averaged over the batch (src.losses.logprobs.mean_response_ce). AdamW, linear warm-up then cosine decay
+tokens, averaged over the batch (src.losses.logprobs.mean_response_ce), read through the response-only LM head:
+no (b, s, v) logits exist in a step (the model's ``return_logits=False``). AdamW, linear warm-up then cosine decay
 over the run's optimizer steps. Logs train/loss, train/lr, train/tokens_per_s, train/grad_norm, val/loss.
 """
 
@@ -139,7 +140,7 @@ class SFTModule(pl.LightningModule):
         shard_under_model_parallel(self, self.model)
 
     def forward(self, batch: dict[str, Any]):
-        return self.model(**model_inputs(batch))
+        return self.model(**model_inputs(batch), return_logits=False)
 
     # -- steps ---------------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:

@@ -22,7 +22,8 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLForCond
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from src.models.aligner import AlignerConfig, WindowQFormer, encoder_windows
-from src.losses.logprobs import mean_response_ce
+from src.losses.logprobs import (head_token_logps, mean_response_ce, mean_response_ce_from_logps, response_positions,
+                                 scatter_response_logps)
 from src.models.audio import AudioSettings
 
 
@@ -65,13 +66,16 @@ class AVLLMConfig(PreTrainedConfig):
 @dataclass
 class AVOutput:
     """loss: the SFT loss, mean over examples of each one's mean response-token CE (None without labels);
-    logits (b, s, v); hidden_states (b, s, d); cache for generation."""
+    logits (b, s, v) (None unless return_logits); hidden_states (b, s, d); cache for generation;
+    token_logps (N,) float32: log-probs of ``logp_targets`` at ``logp_index`` (or, given labels and no index, of
+    the labelled tokens at ``response_positions(labels)``), from the response-only head."""
 
     loss: torch.Tensor | None
     logits: torch.Tensor | None
     hidden_states: torch.Tensor
     cache: DynamicCache | None = None
     inputs_embeds: torch.Tensor | None = None  # (b, s, d) what the LLM read, media features scattered in
+    token_logps: torch.Tensor | None = None
 
 
 class AVLLM(PreTrainedModel):
@@ -171,9 +175,16 @@ class AVLLM(PreTrainedModel):
                 audio_chunks: list[int] | None = None, audio_windows: list[int] | None = None,
                 inputs_embeds: torch.Tensor | None = None, cache: DynamicCache | None = None,
                 use_cache: bool = False, return_logits: bool = True, media_repeats: int = 1,
-                **_: object) -> AVOutput:
+                logp_index: torch.Tensor | None = None, logp_targets: torch.Tensor | None = None,
+                logp_chunk_size: int | None = None, **_: object) -> AVOutput:
         """position_ids (3, b, s) from the processor; labels (b, s) are the input ids with -100 outside the
-        response (shifted inside the loss); media_repeats: see ``embed``."""
+        response (shifted inside the loss); media_repeats: see ``embed``.
+
+        Training reads log-probs without (b, s, v) logits: ``logp_index`` (N,) flat indices into the b * s hidden
+        positions and ``logp_targets`` (N,) the tokens they predict give ``token_logps`` (N,) through the chunked
+        response-only head (src.losses.logprobs, ``logp_chunk_size`` rows of logits at a time). With labels and
+        ``return_logits=False`` the loss comes from that head too; with ``return_logits=True`` (the default) it
+        comes from the full logits, the dense oracle."""
         if position_ids is None or position_ids.dim() != 3 or position_ids.shape[0] != 3:
             raise ValueError("AVLLM needs 3-D position_ids (3, b, s) from the processor; 1-D positions would "
                              "silently drop the time axis of M-RoPE")
@@ -183,10 +194,28 @@ class AVLLM(PreTrainedModel):
         out = self.llm(inputs_embeds=inputs_embeds, position_ids=position_ids, attention_mask=attention_mask,
                        cache=cache, use_cache=use_cache)
         hidden = out.last_hidden_state
-        logits = self.lm_head(hidden) if return_logits or labels is not None else None
-        loss = None if labels is None else mean_response_ce(logits, labels)
-        return AVOutput(loss=loss, logits=logits if return_logits else None, hidden_states=hidden, cache=out.cache,
-                        inputs_embeds=inputs_embeds)
+        logits = self.lm_head(hidden) if return_logits else None
+        token_logps, loss = None, None
+        if logp_index is not None:
+            if logp_targets is None or logp_targets.shape != logp_index.shape:
+                raise ValueError("logp_index needs logp_targets of the same (N,) shape")
+            token_logps = self.head_token_logps(hidden, logp_index, logp_targets, logp_chunk_size)
+        if labels is not None and logits is not None:
+            loss = mean_response_ce(logits, labels)
+        elif labels is not None:
+            index, targets = response_positions(labels)
+            label_logps = self.head_token_logps(hidden, index, targets, logp_chunk_size)
+            loss = mean_response_ce_from_logps(*scatter_response_logps(label_logps, index, labels))
+            token_logps = label_logps if token_logps is None else token_logps
+        return AVOutput(loss=loss, logits=logits, hidden_states=hidden, cache=out.cache, inputs_embeds=inputs_embeds,
+                        token_logps=token_logps)
+
+    def head_token_logps(self, hidden: torch.Tensor, index: torch.Tensor, targets: torch.Tensor,
+                         chunk_size: int | None = None) -> torch.Tensor:
+        """hidden (b, s, d), index (N,) into its b * s positions, targets (N,) -> (N,) float32 log-probs, never
+        more than a chunk of logits at a time. Call it inside ``forward``: under FSDP2 the head's weight (in the
+        root unit) is whole only there."""
+        return head_token_logps(self.lm_head, hidden.flatten(0, 1)[index], targets, chunk_size)
 
 
 def count_parameters(module: nn.Module) -> int:

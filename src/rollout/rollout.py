@@ -35,7 +35,7 @@ from src.caption import batches
 from src.data.errors import BadSampleError
 from src.data.manifest import PreferenceRow, append_rows
 from src.judge.metric import EventCounts
-from src.losses.logprobs import sequence_logps
+from src.losses.logprobs import response_positions, scatter_response_logps
 from src.models.generate import GenerationSettings, generate
 from src.rollout.files import append_progress, prepare
 from src.rollout.pairs import TIE, TOO_FEW, UNDER_MARGIN, Candidate, PairChoice, choose_pair, response_ids, sample_seed
@@ -62,7 +62,7 @@ def score_all(judge: Scorer, items: Sequence[tuple[str, Sequence[str]]]) -> list
 class RolloutSettings:
     """k samples per video (METHOD: official K 2, ours 4), drawn with temperature and top_p (official 1.0, 0.9).
     batch_size: sequences per generate call (batch_size // k videos, at least one). forward_batch_size: sequences
-    per teacher-forced forward when a reference log-prob must be recomputed (bounds the (b, s, v) logits).
+    per teacher-forced forward when a reference log-prob must be recomputed (bounds its activations).
     min_margin: smallest EER difference (chosen vs rejected) kept; ties are always dropped."""
 
     k: int = 4
@@ -271,10 +271,14 @@ def _reference_logps(model, processor, choices: list[tuple[_Video, PairChoice]],
 
 def teacher_forced_logps(model, processor, items: Sequence[tuple], device) -> torch.Tensor:
     """(n,) summed response log-probs of (clip, prompt, caption) items in one right-padded forward: the DPO
-    side's computation (``processor.encode`` + ``collate`` + ``sequence_logps``)."""
+    side's computation (``processor.encode`` + ``collate`` + ``sequence_logps``), read through the response-only
+    LM head (no (b, s, v) logits)."""
     batch = processor.collate([processor.encode(clip, prompt, caption) for clip, prompt, caption in items])
     batch = {key: v.to(device) if isinstance(v, torch.Tensor) else v for key, v in batch.items()}
-    return sequence_logps(model(**batch).logits, batch["labels"]).float().cpu()
+    labels = batch.pop("labels")
+    index, targets = response_positions(labels)
+    logps = model(**batch, logp_index=index, logp_targets=targets, return_logits=False).token_logps
+    return scatter_response_logps(logps, index, labels)[0].sum(-1).float().cpu()
 
 
 def _pair_row(row, choice: PairChoice, round_index: int | None) -> PreferenceRow:
