@@ -1,0 +1,220 @@
+"""Prefix-shared packing of preference pairs: one segment [prompt | chosen | rejected | gt] per pair.
+
+The plain DPO forward (AVProcessor.collate_preference) holds each response as its own padded sequence, so the
+long audio-visual prompt is computed 2-3 times per pair (4-5 with a reference pass). Here every pair becomes ONE
+segment in which the prompt appears once, and each response sees only that prompt and its own past:
+
+- positions: each response's 3-D M-RoPE ids restart right after the prompt, i.e. they are the ids that response
+  has in its own unpacked sequence (copied from the collated batch), so every response token computes exactly
+  what it computes in the plain path;
+- attention: a prompt token is causal within its own prompt; a response token sees its pair's prompt and its own
+  response's past; a padding token sees only itself (no empty softmax rows, no NaN);
+- log-probs: token j > 0 of a response is predicted by the hidden state before it, token 0 of EVERY response by
+  the last prompt token of its pair (that hidden state serves chosen, rejected and gt). The flat
+  (hidden index, target) pairs go to AVLLM(logp_index=, logp_targets=), which runs the LM head on those rows only.
+
+Rows: segments are packed greedily IN PAIR ORDER (next-fit) into rows of at most ``pack_tokens`` tokens, padded
+at the tail only. Pair order is kept because AVLLM scatters the media features into the placeholders in
+row-major order, which must stay the samples' order; first-fit would reorder the pairs and with them the media.
+A pair longer than ``pack_tokens`` gets a row of its own (never an error: the budget is about padding and mask
+size, not a hard limit). ``pack_tokens=None`` puts every pair in its own row.
+
+Cost: the dense mask is (r, 1, L, L) bool, for SDPA/eager (on CPU). SDPA with a dense mask computes every
+query-key block, so several pairs in one row cost more attention FLOPs than one row per pair; FlexAttention's
+BlockMask (``attention_mask(..., "flex_attention")``, CUDA) skips the blocks between pairs, which is where
+packing several pairs per row pays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from src.losses.logprobs import IGNORE_INDEX
+
+PROMPT = 0  # part id of prompt tokens; response j (0 chosen, 1 rejected, 2 gt) has part id j + 1
+PADDING = -1  # pair and part id of padding tokens
+
+
+@dataclass
+class PackedPairs:
+    """b pairs with k responses each, packed into r rows of L tokens.
+
+    input_ids (r, L); position_ids (3, r, L); pair (r, L): the pair index of each token, PADDING at the tail;
+    part (r, L): PROMPT or response index + 1, PADDING at the tail.
+    logp_index (N,): flat index into the (r * L) hidden states that predicts each labelled response token;
+    logp_targets (N,): that token; logp_segment (N,): response * b + pair, to sum per (response, pair).
+    rows: the pair indices in each row, in order.
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    pair: torch.Tensor
+    part: torch.Tensor
+    logp_index: torch.Tensor
+    logp_targets: torch.Tensor
+    logp_segment: torch.Tensor
+    pairs: int
+    responses: int
+    rows: list[list[int]]
+
+    def dense_mask(self) -> torch.Tensor:
+        """(r, 1, L, L) bool, True = attend (the SDPA convention; transformers passes a 4-D mask through)."""
+        pair_q, pair_k = self.pair[:, :, None], self.pair[:, None, :]
+        part_q, part_k = self.part[:, :, None], self.part[:, None, :]
+        cols = torch.arange(self.pair.shape[1], device=self.pair.device)
+        causal = cols[None, :] <= cols[:, None]
+        visible = (pair_q == pair_k) & (pair_q != PADDING) & causal & ((part_k == PROMPT) | (part_k == part_q))
+        return (visible | torch.eye(len(cols), dtype=torch.bool, device=cols.device)).unsqueeze(1)
+
+    def mask_mod(self):
+        """The mask as a FlexAttention mask_mod over (row, head, query, key) indices, read from the pair / part
+        ids: the same rule as ``dense_mask``."""
+        pair, part = self.pair, self.part
+
+        def mask_mod(b, h, q, kv):
+            same = (pair[b, q] == pair[b, kv]) & (pair[b, q] != PADDING)
+            seen = (part[b, kv] == PROMPT) | (part[b, kv] == part[b, q])
+            return (same & seen & (kv <= q)) | (q == kv)
+
+        return mask_mod
+
+    def block_mask(self):
+        """The mask as a FlexAttention BlockMask: built block by block from ``mask_mod``, never an (L, L) tensor per
+        row; blocks that no query of a pair can see (between pairs, between responses) are skipped by the kernel."""
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        r, length = self.pair.shape
+        return create_block_mask(self.mask_mod(), B=r, H=None, Q_LEN=length, KV_LEN=length, device=self.pair.device)
+
+    def attention_mask(self, implementation: str, dtype: torch.dtype = torch.float32):
+        """The mask in the form ``implementation`` (the LLM config's _attn_implementation) takes: sdpa -> bool
+        (True = attend), eager -> additive float (0 / dtype min), flex_attention -> BlockMask."""
+        if implementation == "flex_attention":
+            return self.block_mask()
+        if implementation == "sdpa":
+            return self.dense_mask()
+        if implementation == "eager":
+            mask = self.dense_mask()
+            return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+        raise ValueError(f"packed pairs need an explicit mask; attention implementation {implementation!r} has no "
+                         "4-D mask path here (use sdpa, eager or flex_attention)")
+
+    def model_inputs(self, implementation: str, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """input_ids, position_ids and the mask for AVLLM (media_repeats stays 1: each prompt appears once)."""
+        return {"input_ids": self.input_ids, "position_ids": self.position_ids,
+                "attention_mask": self.attention_mask(implementation, dtype)}
+
+    def logp_inputs(self, responses: int | None = None) -> dict[str, torch.Tensor]:
+        """logp_index / logp_targets of the first ``responses`` responses (all by default)."""
+        keep = self.entries(responses)
+        return {"logp_index": self.logp_index[keep], "logp_targets": self.logp_targets[keep]}
+
+    def entries(self, responses: int | None = None) -> torch.Tensor:
+        """(N,) bool: the log-prob entries that belong to the first ``responses`` responses."""
+        return self.logp_segment < (self.responses if responses is None else responses) * self.pairs
+
+    def response_sums(self, token_logps: torch.Tensor, responses: int | None = None) -> torch.Tensor:
+        """(k, b) SUM of the token log-probs of each (response, pair); ``token_logps`` holds the entries of the
+        first ``responses`` responses (``logp_inputs(responses)``), in order."""
+        k = self.responses if responses is None else responses
+        segment = self.logp_segment[self.entries(k)]
+        sums = torch.zeros(k * self.pairs, dtype=token_logps.dtype, device=token_logps.device)
+        return sums.index_add(0, segment, token_logps).view(k, self.pairs)
+
+    def response_counts(self) -> torch.Tensor:
+        """(k, b) number of scored tokens of each (response, pair)."""
+        return torch.bincount(self.logp_segment, minlength=self.responses * self.pairs).view(self.responses,
+                                                                                              self.pairs)
+
+
+def _real(row: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+    return row[..., attention.bool()]
+
+
+def _split_pair(batch: dict, i: int, responses: int) -> dict:
+    """Pair i's prompt (ids, positions) and per response (ids, positions, labels) after the prompt. The prompt
+    is everything before the first labelled token, and must be identical in every response's sequence."""
+    b = batch["has_gt"].shape[0]
+    names = batch["responses"]
+    prompt, parts = None, []
+    for j in range(responses):
+        row = j * b + i
+        attention = batch["attention_mask"][row]
+        ids, labels = _real(batch["input_ids"][row], attention), _real(batch["labels"][row], attention)
+        positions = _real(batch["position_ids"][:, row], attention)
+        labelled = (labels != IGNORE_INDEX).nonzero()
+        if not len(labelled):
+            raise ValueError(f"pair {i}: response {names[j]!r} has no labelled tokens (a prompt-only row); "
+                             "pack only responses every pair has")
+        start = int(labelled[0])
+        if start == 0:
+            raise ValueError(f"pair {i}: response {names[j]!r} is labelled from its first token: no prompt to share")
+        if prompt is None:
+            prompt = (ids[:start], positions[:, :start])
+        elif start != len(prompt[0]) or not torch.equal(ids[:start], prompt[0]) or \
+                not torch.equal(positions[:, :start], prompt[1]):
+            raise ValueError(f"pair {i}: response {names[j]!r} has a different prompt from {names[0]!r} "
+                             f"({start} vs {len(prompt[0])} tokens before the first label); prefix sharing needs "
+                             "one identical prompt per pair")
+        parts.append((ids[start:], positions[:, start:], labels[start:]))
+    return {"prompt": prompt, "responses": parts}
+
+
+def pack_rows(lengths: list[int], pack_tokens: int | None) -> list[list[int]]:
+    """Greedy next-fit in order: indices of the segments in each row. A segment longer than the budget gets a row
+    of its own; None = one segment per row."""
+    rows: list[list[int]] = []
+    used = 0
+    for i, n in enumerate(lengths):
+        if pack_tokens is None or not rows or used + n > pack_tokens:
+            rows.append([i])
+            used = n
+        else:
+            rows[-1].append(i)
+            used += n
+    return rows
+
+
+def pack_preference(batch: dict, responses: int, pack_tokens: int | None = None,
+                    pad_token_id: int = 0) -> PackedPairs:
+    """A collated preference batch (src.models.processor.AVProcessor.collate_preference) -> PackedPairs holding the
+    first ``responses`` responses of every pair (2: chosen, rejected; 3: + gt). See the module docstring."""
+    if pack_tokens is not None and pack_tokens < 1:
+        raise ValueError(f"pack_tokens must be >= 1 or None, got {pack_tokens}")
+    if responses > len(batch["responses"]):
+        raise ValueError(f"asked for {responses} responses, the batch holds {batch['responses']}")
+    b = batch["has_gt"].shape[0]
+    pairs = [_split_pair(batch, i, responses) for i in range(b)]
+    lengths = [len(p["prompt"][0]) + sum(len(r[0]) for r in p["responses"]) for p in pairs]
+    rows = pack_rows(lengths, pack_tokens)
+    length = max(sum(lengths[i] for i in row) for row in rows)
+    device = batch["input_ids"].device
+    input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long, device=device)
+    position_ids = torch.ones((3, len(rows), length), dtype=torch.long, device=device)
+    pair_ids = torch.full((len(rows), length), PADDING, dtype=torch.long, device=device)
+    part_ids = torch.full_like(pair_ids, PADDING)
+    index, targets, segment = [], [], []
+    for r, row in enumerate(rows):
+        col = 0
+        for i in row:
+            prompt_ids, prompt_positions = pairs[i]["prompt"]
+            last_prompt = r * length + col + len(prompt_ids) - 1
+            pieces = [(PROMPT, prompt_ids, prompt_positions)] + [
+                (j + 1, ids, positions) for j, (ids, positions, _) in enumerate(pairs[i]["responses"])]
+            for part, ids, positions in pieces:
+                n = len(ids)
+                input_ids[r, col:col + n], position_ids[:, r, col:col + n] = ids, positions
+                pair_ids[r, col:col + n], part_ids[r, col:col + n] = i, part
+                if part != PROMPT:
+                    labels = pairs[i]["responses"][part - 1][2]
+                    scored = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+                    before = r * length + col + scored - 1
+                    index.append(torch.where(scored == 0, last_prompt, before))
+                    targets.append(labels[scored])
+                    segment.append(torch.full_like(scored, (part - 1) * b + i))
+                col += n
+    return PackedPairs(input_ids=input_ids, position_ids=position_ids, pair=pair_ids, part=part_ids,
+                       logp_index=torch.cat(index), logp_targets=torch.cat(targets), logp_segment=torch.cat(segment),
+                       pairs=b, responses=responses, rows=rows)
