@@ -134,13 +134,14 @@ def counters(model) -> dict[str, Counter]:
     return {"vision": Counter(model.visual), "whisper": Counter(model.whisper), "llm": Counter(model.llm)}
 
 
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "plain"])
 @pytest.mark.parametrize("case, trainable, encoders, llm", [
     ("reference from rows", ("lora", "aligner", "merger"), 1, 1),
     ("reference pass, LoRA only: shared embeddings", ("lora",), 1, 2),
     ("reference pass with aligner/merger snapshot", ("lora", "aligner", "merger"), 2, 2),
 ])
-def test_encoders_run_once_per_sample(tiny_base, synthav, tmp_path, case, trainable, encoders, llm):
-    module = module_for(tiny_base, trainable)
+def test_encoders_run_once_per_sample(tiny_base, synthav, tmp_path, case, trainable, encoders, llm, packed):
+    module = module_for(tiny_base, trainable, packed=packed)
     ref = {f"train-00000{i}": (-10.0, -12.0) for i in range(4)} if case == "reference from rows" else None
     batch, _ = preference_batch(module, write_pairs(synthav, tmp_path / "p.jsonl", ref=ref))
     count = counters(module.model)
@@ -148,12 +149,13 @@ def test_encoders_run_once_per_sample(tiny_base, synthav, tmp_path, case, traina
     assert {k: c.calls for k, c in count.items()} == {"vision": encoders, "whisper": encoders, "llm": llm}
 
 
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "plain"])
 @pytest.mark.parametrize("trainable", [("lora",), ("lora", "aligner", "merger")])
 def test_stacked_pass_equals_separate_sequences_and_reference_is_the_start_model(tiny_base, synthav, tmp_path,
-                                                                               trainable):
-    """After 'training' (LoRA B and aligner/merger moved): policy log-probs of the one stacked pass == each
-    response's own forward; reference log-probs == the untouched base's; the parameters are left as they were."""
-    module = module_for(tiny_base, trainable)
+                                                                               trainable, packed):
+    """After 'training' (LoRA B and aligner/merger moved): policy log-probs of the one stacked (or packed) pass ==
+    each response's own forward; reference log-probs == the untouched base's; the parameters are left as they were."""
+    module = module_for(tiny_base, trainable, packed=packed)
     perturb(module)
     batch, rows = preference_batch(module, write_pairs(synthav, tmp_path / "p.jsonl"))
     before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
@@ -205,18 +207,26 @@ def test_fresh_adapter_gives_log_2_zero_rewards_and_exactly_the_gt_term(tiny_bas
     assert loss.item() == pytest.approx(math.log(2) + 0.25 * stats["loss/gt_ce"].item(), abs=1e-6)
 
 
-def test_gt_weight_needs_gt_and_zero_skips_the_gt_rows(tiny_base, synthav, tmp_path):
-    module = module_for(tiny_base)
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "plain"])
+def test_gt_weight_needs_gt_and_zero_skips_the_gt_rows(tiny_base, synthav, tmp_path, packed):
+    module = module_for(tiny_base, packed=packed)
     batch, _ = preference_batch(module, write_pairs(synthav, tmp_path / "p.jsonl", gt=False))
     with pytest.raises(ValueError, match="needs a ground-truth caption"):
         module.preference_forward(batch)
-    plain = module_for(tiny_base, gt_weight=0.0)
+    plain = module_for(tiny_base, gt_weight=0.0, packed=packed)
     batch, _ = preference_batch(plain, write_pairs(synthav, tmp_path / "q.jsonl", gt=True))
-    rows = []
-    plain.model.llm.register_forward_pre_hook(lambda m, args, kwargs: rows.append(kwargs["inputs_embeds"].shape[0]),
+    shapes = []
+    plain.model.llm.register_forward_pre_hook(lambda m, args, kwargs: shapes.append(kwargs["inputs_embeds"].shape[:2]),
                                               with_kwargs=True)
     out = plain.preference_forward(batch)
-    assert rows == [8, 8] and not out["gt_ce"].any()  # reference + policy over chosen and rejected only
+    assert not out["gt_ce"].any()
+    # reference + policy over chosen and rejected only: 2 x 4 stacked sequences, or 4 packed rows (one per pair)
+    # as long as the longest [prompt | chosen | rejected]
+    labelled = (batch["labels"] != IGNORE_INDEX).sum(1).view(3, 4)
+    prompt = batch["attention_mask"][:4].sum(1) - labelled[0]
+    rows = [(8, int(batch["attention_mask"][:8].sum(1).max()))] if not packed else [
+        (4, int((prompt + labelled[0] + labelled[1]).max()))]
+    assert [tuple(s) for s in shapes] == rows * 2
     loss, stats = plain.loss_and_stats(out)
     assert "loss/gt_ce" not in stats and loss.item() == pytest.approx(stats["loss/dpo"].item())
 

@@ -14,6 +14,15 @@ One step, for a batch of b pairs (src.models.processor.AVProcessor.collate_prefe
   reference and policy, so that pass also hands its input embeddings to the policy forward: the encoders still
   run once (the price: the reference LLM pass also covers the gt block). Otherwise the reference runs the
   encoders with its own aligner/merger values, and the policy runs them again.
+- Packed (``packed=True``, the default; src.models.packing): per pair ONE segment [prompt | chosen | rejected |
+  gt] in which each response sees only the prompt and its own past and restarts its positions after the prompt,
+  so the long AV prompt is computed once per pair instead of once per response; the LM head runs only on the
+  response tokens (AVLLM ``logp_index``), never on (rows x seq x vocab) logits. Segments are packed in pair order
+  into rows of at most ``pack_tokens`` tokens (None: one row per pair, the right choice with SDPA, whose dense
+  mask computes the blocks between pairs too; a budget pays with flex_attention or very uneven pairs). The
+  reference pass is packed the same way: over the policy's rows (gt included) when it shares its embeddings,
+  else over [prompt | chosen | rejected]. ``packed=False`` is the plain stacked path above, kept as the oracle:
+  both give the same per-pair log-probs, gt CE and loss (tests/test_packing.py).
 - Loss: mean over pairs of gdpo_loss = preference loss (``loss_type`` sigmoid | ipo) + gt_weight * gt CE.
   gt_weight is the paper's lambda (0.1); 0 gives plain DPO and skips the gt sequences. With gt_weight > 0 every
   pair must carry a ``gt`` caption (an error otherwise, never a silent drop of the term).
@@ -38,6 +47,7 @@ from src.lit.sft import (OptimSettings, adamw, build_trainable_model, log_grad_n
 from src.losses.dpo import BETA, GT_WEIGHT, PREFERENCE_LOSSES, gdpo_loss, preference_stats
 from src.losses.logprobs import response_ce, sequence_logps
 from src.models.lora import LoraSettings, clear_optimizer_state_, fold_lora_, lora_parameters, reset_lora_
+from src.models.packing import PackedPairs, pack_preference
 from src.models.reference import ReferenceSnapshot, reference_mode
 
 LossType = Literal["sigmoid", "ipo"]
@@ -60,6 +70,11 @@ def model_call(sequences: dict[str, torch.Tensor], rows: int) -> dict[str, torch
             "position_ids": sequences["position_ids"][:, :rows]}
 
 
+def media_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """The batch's media tensors (once per sample), as AVLLM takes them."""
+    return {k: batch[k] for k in MEDIA_INPUTS if k in batch}
+
+
 def on_any_rank(flag: bool, device: torch.device) -> bool:
     """``flag`` or-ed over the ranks. A reference pass issues collectives (FSDP2 all-gathers), so every rank must
     run it as soon as one rank needs it; one all-reduce of a scalar per step."""
@@ -78,12 +93,14 @@ class DPOModule(pl.LightningModule):
         trainable: parts from src.lit.sft.TRAINABLE_PARTS (default lora + aligner + merger).
         lora: settings of the fresh adapter. lr, optim: AdamW and the warm-up + cosine schedule.
         schedule_steps: optimizer steps of one LR cycle (a round); None = the whole run.
+        packed: prefix-shared packed forward (src.models.packing); False = the plain stacked sequences (the oracle).
+        pack_tokens: token budget of one packed row; None = one row per pair (see the module docstring).
     """
 
     def __init__(self, base: str, beta: float = BETA, gt_weight: float = GT_WEIGHT, loss_type: LossType = "sigmoid",
                  trainable: list[str] | None = None, lora: LoraSettings = LoraSettings(), lr: float = 5e-6,
                  optim: OptimSettings = OptimSettings(), schedule_steps: int | None = None,
-                 activation_checkpointing: bool = False):
+                 activation_checkpointing: bool = False, packed: bool = True, pack_tokens: int | None = None):
         super().__init__()
         if loss_type not in PREFERENCE_LOSSES:
             raise ValueError(f"loss_type must be one of {tuple(PREFERENCE_LOSSES)}, got {loss_type!r}")
@@ -91,12 +108,15 @@ class DPOModule(pl.LightningModule):
             raise ValueError(f"need beta > 0 and gt_weight >= 0, got beta={beta}, gt_weight={gt_weight}")
         if schedule_steps is not None and schedule_steps < 1:
             raise ValueError(f"schedule_steps must be >= 1 or None, got {schedule_steps}")
+        if pack_tokens is not None and pack_tokens < 1:
+            raise ValueError(f"pack_tokens must be >= 1 or None, got {pack_tokens}")
         self.save_hyperparameters()
         self.base, self.beta, self.gt_weight, self.loss_type, self.lr = base, beta, gt_weight, loss_type, lr
         self.lora = lora if isinstance(lora, LoraSettings) else LoraSettings(**lora)
         self.optim = optim if isinstance(optim, OptimSettings) else OptimSettings(**optim)
         self.trainable = tuple(trainable) if trainable is not None else DPO_TRAINABLE
         self.schedule_steps, self.activation_checkpointing = schedule_steps, activation_checkpointing
+        self.packed, self.pack_tokens = packed, pack_tokens
         self.model = None
         self.processor = None
         self.round = 0
@@ -153,6 +173,40 @@ class DPOModule(pl.LightningModule):
                              f"pairs without one: {ids[:5]} (gt_weight 0 trains plain DPO)")
         return 3
 
+    def preference_forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Per-pair (b,) tensors: policy_chosen, policy_rejected, ref_chosen, ref_rejected (summed log-probs) and
+        gt_ce (mean CE over the gt caption; zeros when gt_weight is 0)."""
+        blocks = self.response_blocks(batch)
+        ref_chosen, ref_rejected = batch["ref_chosen_logps"].float(), batch["ref_rejected_logps"].float()
+        missing = ref_chosen.isnan() | ref_rejected.isnan()
+        reference = on_any_rank(bool(missing.any()), ref_chosen.device)
+        out = (self.packed_logps if self.packed else self.plain_logps)(batch, blocks, reference)
+        if reference:
+            out["ref_chosen"] = torch.where(missing, out["ref_chosen"], ref_chosen)
+            out["ref_rejected"] = torch.where(missing, out["ref_rejected"], ref_rejected)
+        else:
+            out["ref_chosen"], out["ref_rejected"] = ref_chosen, ref_rejected
+        if out["gt_ce"] is None:
+            out["gt_ce"] = torch.zeros_like(ref_chosen)
+        return out
+
+    # -- the plain path: one padded sequence per response (the oracle) ------------------------------------
+    def plain_logps(self, batch: dict[str, Any], blocks: int, reference: bool) -> dict[str, torch.Tensor | None]:
+        """policy_chosen, policy_rejected (b,), gt_ce (b,) or None, and with ``reference`` the computed
+        ref_chosen, ref_rejected (b,), from the stacked sequences (module docstring)."""
+        b = batch["has_gt"].shape[0]
+        sequences = response_rows(batch, blocks * b)
+        out: dict[str, torch.Tensor | None] = {}
+        inputs_embeds = None
+        if reference:
+            out["ref_chosen"], out["ref_rejected"], inputs_embeds = self.reference_logps(batch, sequences, blocks)
+        inputs = {"inputs_embeds": inputs_embeds} if inputs_embeds is not None else media_inputs(batch)
+        logits = self.model(**model_call(sequences, blocks * b), **inputs, media_repeats=blocks).logits
+        logps = sequence_logps(logits[:2 * b], sequences["labels"][:2 * b])
+        out["policy_chosen"], out["policy_rejected"] = logps[:b], logps[b:]
+        out["gt_ce"] = response_ce(logits[2 * b:], sequences["labels"][2 * b:])[0] if blocks == 3 else None
+        return out
+
     def reference_logps(self, batch: dict[str, Any], sequences: dict[str, torch.Tensor], blocks: int
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(b,) summed reference log-probs of chosen and rejected from a no-grad pass of the round-start model,
@@ -160,35 +214,41 @@ class DPOModule(pl.LightningModule):
         b = batch["has_gt"].shape[0]
         share = not self.reference_snapshot  # nothing but LoRA trains: media path identical to the policy's
         rows = blocks * b if share else 2 * b
-        media = {k: batch[k] for k in MEDIA_INPUTS if k in batch}
         with reference_mode(self.model, self.reference_snapshot):
-            out = self.model(**model_call(sequences, rows), **media, media_repeats=rows // b)
+            out = self.model(**model_call(sequences, rows), **media_inputs(batch), media_repeats=rows // b)
             logps = sequence_logps(out.logits[:2 * b], sequences["labels"][:2 * b])
         return logps[:b], logps[b:], (out.inputs_embeds if share else None)
 
-    def preference_forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Per-pair (b,) tensors: policy_chosen, policy_rejected, ref_chosen, ref_rejected (summed log-probs) and
-        gt_ce (mean CE over the gt caption; zeros when gt_weight is 0)."""
-        b = batch["has_gt"].shape[0]
-        blocks = self.response_blocks(batch)
-        sequences = response_rows(batch, blocks * b)
-        ref_chosen, ref_rejected = batch["ref_chosen_logps"].float(), batch["ref_rejected_logps"].float()
-        missing = ref_chosen.isnan() | ref_rejected.isnan()
+    # -- the packed path: one prefix-shared segment per pair -------------------------------------------------
+    def pack(self, batch: dict[str, Any], responses: int) -> PackedPairs:
+        return pack_preference(batch, responses, self.pack_tokens, self.processor.pad_token_id)
+
+    def packed_logps(self, batch: dict[str, Any], blocks: int, reference: bool) -> dict[str, torch.Tensor | None]:
+        """``plain_logps``'s values from packed rows (src.models.packing), the LM head on response tokens only.
+        The reference pass reuses the policy's rows (gt included) when it hands its embeddings over; otherwise it
+        packs chosen and rejected alone."""
+        policy_pack = self.pack(batch, blocks)
+        out: dict[str, torch.Tensor | None] = {}
         inputs_embeds = None
-        if on_any_rank(bool(missing.any()), ref_chosen.device):
-            computed_chosen, computed_rejected, inputs_embeds = self.reference_logps(batch, sequences, blocks)
-            ref_chosen = torch.where(missing, computed_chosen, ref_chosen)
-            ref_rejected = torch.where(missing, computed_rejected, ref_rejected)
-        if inputs_embeds is not None:
-            inputs = {"inputs_embeds": inputs_embeds}
-        else:
-            inputs = {k: batch[k] for k in MEDIA_INPUTS if k in batch}
-        logits = self.model(**model_call(sequences, blocks * b), **inputs, media_repeats=blocks).logits
-        logps = sequence_logps(logits[:2 * b], sequences["labels"][:2 * b])
-        gt_ce = (response_ce(logits[2 * b:], sequences["labels"][2 * b:])[0] if blocks == 3
-                 else torch.zeros_like(ref_chosen))
-        return {"policy_chosen": logps[:b], "policy_rejected": logps[b:], "ref_chosen": ref_chosen,
-                "ref_rejected": ref_rejected, "gt_ce": gt_ce}
+        if reference:
+            share = not self.reference_snapshot
+            pack = policy_pack if share else self.pack(batch, 2)
+            with reference_mode(self.model, self.reference_snapshot):
+                result = self.packed_call(pack, media_inputs(batch), responses=2)
+            out["ref_chosen"], out["ref_rejected"] = pack.response_sums(result.token_logps, responses=2)
+            inputs_embeds = result.inputs_embeds if share else None
+        inputs = {"inputs_embeds": inputs_embeds} if inputs_embeds is not None else media_inputs(batch)
+        sums = policy_pack.response_sums(self.packed_call(policy_pack, inputs).token_logps)
+        out["policy_chosen"], out["policy_rejected"] = sums[0], sums[1]
+        out["gt_ce"] = -sums[2] / policy_pack.response_counts()[2] if blocks == 3 else None
+        return out
+
+    def packed_call(self, pack: PackedPairs, inputs: dict[str, Any], responses: int | None = None):
+        """AVLLM over the packed rows: the mask in the form the LLM's attention implementation takes, media once
+        (media_repeats 1), log-probs of the first ``responses`` responses' tokens only."""
+        implementation = self.model.llm.config._attn_implementation
+        return self.model(**pack.model_inputs(implementation, self.model.dtype), **inputs,
+                          **pack.logp_inputs(responses), return_logits=False)
 
     def loss_and_stats(self, out: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Mean gDPO loss over the pairs, and the pair-averaged statistics to log."""

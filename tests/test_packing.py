@@ -1,0 +1,300 @@
+"""Prefix-shared packing (src.models.packing) against the plain stacked path, its oracle: the mask and positions on
+a hand-made batch, then on the tiny model (fp32) the same per-token log-probs, per-pair log-probs, gt CE, loss and
+gradients for audio+video, video-only, audio-only and mixed prompts, one pair per row or several."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from src.lit.dpo import DPOModule, media_inputs, model_call, response_rows
+from src.losses.logprobs import IGNORE_INDEX, token_logps
+from src.models.build import build_tiny
+from src.models.lora import ADAPTER, LoraSettings, lora_layers
+from src.models.packing import PADDING, PROMPT, pack_preference, pack_rows
+
+ATOL = 1e-5
+LORA = {"r": 4, "alpha": 8, "dropout": 0.0}
+PROMPTS = (None, "Describe the clip.", "What happens? Tell me what you see and what you hear, in order, in a few "
+           "sentences.", "Caption.")
+REJECTED = ("A green circle moves left. A burst of noise plays.", "Nothing happens.",
+            "A blue triangle appears, then a low tone plays twice and the triangle turns red.", "Silence.")
+
+
+# -- a hand-made batch ----------------------------------------------------------------------------------------
+
+def hand_batch(pairs: list[tuple[list[int], list[list[int]]]]) -> dict:
+    """A collated batch (collate_preference's layout) from (prompt ids, [chosen ids, rejected ids]) per pair.
+    Positions of a sequence's token t: (t, 100 + t, 200 + t), so the three axes are told apart."""
+    b, k = len(pairs), len(pairs[0][1])
+    sequences = [(prompt, responses[j]) for j in range(k) for prompt, responses in pairs]
+    length = max(len(p) + len(r) for p, r in sequences)
+    batch = {"input_ids": torch.zeros(k * b, length, dtype=torch.long),
+             "labels": torch.full((k * b, length), IGNORE_INDEX), "attention_mask": torch.zeros(k * b, length),
+             "position_ids": torch.ones(3, k * b, length, dtype=torch.long)}
+    for row, (prompt, response) in enumerate(sequences):
+        n = len(prompt) + len(response)
+        batch["input_ids"][row, :n] = torch.tensor(prompt + response)
+        batch["labels"][row, len(prompt):n] = torch.tensor(response)
+        batch["attention_mask"][row, :n] = 1
+        batch["position_ids"][:, row, :n] = torch.arange(n) + torch.tensor([[0], [100], [200]])
+    batch.update(responses=["chosen", "rejected"][:k], has_gt=torch.zeros(b, dtype=torch.bool))
+    return batch
+
+
+HAND = [([10, 11, 12], [[20, 21], [30]]), ([13, 14], [[22], [31, 32]])]
+
+
+def bits(rows: list[str]) -> torch.Tensor:
+    return torch.tensor([[c == "1" for c in row] for row in rows])
+
+
+def test_hand_made_pairs_mask_positions_and_targets():
+    """Budget 6: pair 0 (3 + 2 + 1 tokens) fills row 0; pair 1 (2 + 1 + 2) gets row 1 and one padding token."""
+    packed = pack_preference(hand_batch(HAND), responses=2, pack_tokens=6)
+    assert packed.rows == [[0], [1]]
+    assert packed.input_ids.tolist() == [[10, 11, 12, 20, 21, 30], [13, 14, 22, 31, 32, 0]]
+    assert packed.pair.tolist() == [[0] * 6, [1] * 5 + [PADDING]]
+    assert packed.part.tolist() == [[PROMPT] * 3 + [1, 1, 2], [PROMPT] * 2 + [1, 2, 2, PADDING]]
+    # each response restarts right after its prompt, on all three axes; padding gets position 1
+    assert packed.position_ids[0].tolist() == [[0, 1, 2, 3, 4, 3], [0, 1, 2, 2, 3, 1]]
+    assert packed.position_ids[2].tolist() == [[200, 201, 202, 203, 204, 203], [200, 201, 202, 202, 203, 1]]
+    expected = torch.stack([
+        bits(["100000", "110000", "111000", "111100", "111110", "111001"]),  # prompt causal; chosen; rejected
+        bits(["100000", "110000", "111000", "110100", "110110", "000001"]),  # ...; padding sees itself only
+    ]).unsqueeze(1)
+    assert torch.equal(packed.dense_mask(), expected)
+    # token 0 of chosen AND rejected is predicted by the last prompt token (flat 2 in row 0, 6 + 1 in row 1)
+    assert packed.logp_index.tolist() == [2, 3, 2, 7, 7, 9]
+    assert packed.logp_targets.tolist() == [20, 21, 30, 22, 31, 32]
+    assert packed.logp_segment.tolist() == [0, 0, 2, 1, 3, 3]  # response * b + pair
+    sums = packed.response_sums(torch.tensor([1.0, 2.0, 4.0, 8.0, 16.0, 32.0]))
+    assert sums.tolist() == [[3.0, 8.0], [4.0, 48.0]]  # (chosen, rejected) x pairs
+    assert packed.response_counts().tolist() == [[2, 1], [1, 2]]
+    # the additive form for eager attention: 0 where the bool mask attends, the dtype's minimum elsewhere
+    additive = packed.attention_mask("eager", torch.float32)
+    assert torch.equal(additive == 0, expected) and additive.min() == torch.finfo(torch.float32).min
+
+
+def test_several_pairs_in_one_row_do_not_see_each_other():
+    packed = pack_preference(hand_batch(HAND), responses=2, pack_tokens=None)
+    assert packed.rows == [[0], [1]]
+    packed = pack_preference(hand_batch(HAND), responses=2, pack_tokens=11)
+    assert packed.rows == [[0, 1]] and packed.input_ids.shape == (1, 11)
+    mask = packed.dense_mask()[0, 0]
+    assert not mask[6:, :6].any() and not mask[:6, 6:].any()  # no attention across pairs
+    assert torch.equal(mask[6:, 6:], pack_preference(hand_batch(HAND), 2, 6).dense_mask()[1, 0, :5, :5])
+    assert packed.logp_index.tolist() == [2, 3, 2, 7, 7, 9]  # the same flat indices: row length 11 = 6 + 5
+
+
+def test_rows_fill_in_pair_order_and_a_long_pair_gets_its_own_row():
+    assert pack_rows([3, 3, 5, 2, 9], 6) == [[0, 1], [2], [3], [4]]  # next-fit: pair order is media order
+    assert pack_rows([3, 3, 5], None) == [[0], [1], [2]]
+    packed = pack_preference(hand_batch(HAND), responses=2, pack_tokens=4)  # both pairs longer than the budget
+    assert packed.rows == [[0], [1]] and packed.input_ids.shape == (2, 6)
+    with pytest.raises(ValueError, match="pack_tokens"):
+        pack_preference(hand_batch(HAND), responses=2, pack_tokens=0)
+
+
+def test_a_pair_whose_responses_have_different_prompts_is_refused():
+    batch = hand_batch([([10, 11, 12], [[20], [30]])])
+    batch["input_ids"][1, 1] = 99
+    with pytest.raises(ValueError, match="different prompt"):
+        pack_preference(batch, responses=2)
+    batch = hand_batch([([10, 11, 12], [[20], [30]])])
+    batch["position_ids"][1, 1, 0] = 7
+    with pytest.raises(ValueError, match="different prompt"):
+        pack_preference(batch, responses=2)
+    batch = hand_batch([([10, 11, 12], [[20], [30]])])
+    batch["labels"][1] = IGNORE_INDEX  # a prompt-only row, as collate_preference writes for a missing gt
+    with pytest.raises(ValueError, match="no labelled tokens"):
+        pack_preference(batch, responses=2)
+
+
+def test_flex_mask_mod_is_the_dense_mask():
+    from torch.nn.attention.flex_attention import create_mask
+
+    packed = pack_preference(hand_batch(HAND), responses=2, pack_tokens=11)
+    r, length = packed.input_ids.shape
+    assert torch.equal(create_mask(packed.mask_mod(), r, None, length, length, device="cpu"), packed.dense_mask())
+
+
+# -- the tiny model ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    return build_tiny(tmp_path_factory.mktemp("tiny-base"), tokenizer_texts=300)
+
+
+@pytest.fixture(scope="module")
+def clips(tiny_base, synthav):
+    """The first 4 SynthAV training clips, decoded once, with their captions."""
+    from src.models.processor import AVProcessor
+
+    processor = AVProcessor.from_pretrained(tiny_base)
+    rows = [json.loads(line) for line in (synthav / "train.jsonl").read_text().splitlines()[:4]]
+    return [(processor.load_clip(str(synthav / row["video"])), row["caption"]) for row in rows]
+
+
+def variant(clip, modality: str, keep: float):
+    """The clip cut to its first ``keep`` fraction (so prompts differ in length), as audio+video, video or audio."""
+    frames = max(2, int(keep * clip.frames.shape[0]) // 2 * 2)
+    audio = clip.audio[:int(keep * clip.audio.numel())]
+    cut = replace(clip, frames=clip.frames[:frames], frame_times=clip.frame_times[:frames], audio=audio)
+    if modality == "video":
+        return replace(cut, audio=None, audio_status="disabled")
+    if modality == "audio":
+        return replace(cut, frames=None, frame_times=None)
+    return cut
+
+
+MODALITIES = {"audio+video": ["audio+video"] * 4, "video": ["video"] * 4, "audio": ["audio"] * 4,
+              "mixed": ["video", "audio", "audio+video", "audio"]}
+
+
+def preference_batch(processor, clips, modality: str, gt: bool = True) -> dict:
+    """4 pairs with different prompts, media lengths and response lengths."""
+    samples = []
+    for i, (clip, caption) in enumerate(clips):
+        responses = {"chosen": caption.split(". ")[0] + ".", "rejected": REJECTED[i], "gt": caption if gt else None}
+        sample = processor.encode_preference(variant(clip, MODALITIES[modality][i], 1.0 - 0.2 * i), PROMPTS[i],
+                                             responses)
+        sample["ref_chosen_logp"] = sample["ref_rejected_logp"] = None
+        samples.append(sample)
+    return processor.collate(samples)
+
+
+def module_for(base, trainable=("lora", "aligner", "merger"), **kwargs) -> DPOModule:
+    """A DPOModule after pretend training (random LoRA B, aligner/merger moved), in eval mode, so the policy
+    differs from the reference and every trainable parameter gets a gradient."""
+    module = DPOModule(base=str(base), trainable=list(trainable), lora=LoraSettings(**LORA), **kwargs)
+    module.configure_model()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, layer in lora_layers(module.model):
+            w = layer.lora_B[ADAPTER].weight
+            w.copy_(torch.randn(w.shape, generator=g) * 0.3)
+        for name, p in module.model.named_parameters():
+            if p.requires_grad and ".lora_" not in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    module.model.eval()
+    return module
+
+
+def budget(batch: dict, responses: int, pairs_per_row: int | None) -> int | None:
+    """A pack_tokens that holds about ``pairs_per_row`` pairs (None: one pair per row)."""
+    if pairs_per_row is None:
+        return None
+    lengths = pack_preference(batch, responses).pair.ne(PADDING).sum(1)
+    return int(lengths.sort(descending=True).values[:pairs_per_row].sum())
+
+
+def plain_token_logps(model, batch: dict, responses: int) -> list[torch.Tensor]:
+    """Per (response, pair), in response-major order: the labelled tokens' log-probs of the stacked pass."""
+    b = batch["has_gt"].shape[0]
+    sequences = response_rows(batch, responses * b)
+    logits = model(**model_call(sequences, responses * b), **media_inputs(batch), media_repeats=responses).logits
+    logps, mask = token_logps(logits, sequences["labels"])
+    return [logps[row][mask[row]] for row in range(responses * b)]
+
+
+def packed_token_logps(model, packed, batch: dict) -> list[torch.Tensor]:
+    out = model(**packed.model_inputs("sdpa"), **media_inputs(batch), **packed.logp_inputs(), return_logits=False)
+    return [out.token_logps[packed.logp_segment == s] for s in range(packed.responses * packed.pairs)]
+
+
+@pytest.mark.parametrize("pairs_per_row", [None, 2, 4], ids=["one-pair-per-row", "about-2-per-row", "one-row"])
+@pytest.mark.parametrize("modality", list(MODALITIES))
+def test_packed_token_logps_equal_the_stacked_sequences(tiny_base, clips, modality, pairs_per_row):
+    module = module_for(tiny_base)
+    batch = preference_batch(module.processor, clips, modality)
+    packed = pack_preference(batch, 3, budget(batch, 3, pairs_per_row), module.processor.pad_token_id)
+    if pairs_per_row:
+        assert max(len(row) for row in packed.rows) >= 2
+    assert len(set(packed.response_counts()[0].tolist())) > 1  # responses of different lengths
+    with torch.no_grad():
+        plain = plain_token_logps(module.model, batch, 3)
+        fast = packed_token_logps(module.model, packed, batch)
+    assert [len(t) for t in fast] == [len(t) for t in plain]
+    diff = max((a - b).abs().max().item() for a, b in zip(plain, fast))
+    print(f"\n{modality} {pairs_per_row}: max |token logp diff| {diff:.2e}")
+    assert diff <= ATOL
+
+
+def test_packed_positions_are_each_responses_own(tiny_base, clips):
+    """Every packed token carries the 3-D position it has in its own unpacked sequence."""
+    module = module_for(tiny_base)
+    batch = preference_batch(module.processor, clips, "mixed")
+    packed = pack_preference(batch, 3, budget(batch, 3, 2))
+    b = 4
+    for r, row in enumerate(packed.rows):
+        for i in row:
+            for j in range(3):
+                keep = (packed.pair[r] == i) & ((packed.part[r] == PROMPT) | (packed.part[r] == j + 1))
+                unpacked = batch["position_ids"][:, j * b + i][:, batch["attention_mask"][j * b + i].bool()]
+                assert torch.equal(packed.position_ids[:, r][:, keep], unpacked)
+                assert torch.equal(packed.input_ids[r][keep], batch["input_ids"][j * b + i][:unpacked.shape[1]])
+
+
+def grads(module: DPOModule) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in module.model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("trainable, gt_weight, pairs_per_row", [
+    (("lora",), 0.1, None),  # reference pass hands its embeddings over (same packed rows, gt included)
+    (("lora", "aligner", "merger"), 0.1, 2),  # reference packs [prompt | chosen | rejected] on its own
+    (("lora", "aligner", "merger"), 0.0, 4),  # plain DPO: no gt in the rows
+    (("lora",), 0.0, 2),
+])
+def test_packed_step_equals_plain_step_values_loss_and_gradients(tiny_base, clips, trainable, gt_weight,
+                                                                 pairs_per_row):
+    module = module_for(tiny_base, trainable, gt_weight=gt_weight)
+    batch = preference_batch(module.processor, clips, "audio+video", gt=gt_weight > 0)
+    module.pack_tokens = budget(batch, 3 if gt_weight else 2, pairs_per_row)
+    results = {}
+    for packed in (False, True):
+        module.packed = packed
+        module.model.zero_grad(set_to_none=True)
+        out = module.preference_forward(batch)
+        loss, stats = module.loss_and_stats(out)
+        loss.backward()
+        results[packed] = out, loss.detach(), grads(module)
+    (plain, plain_loss, plain_grads), (fast, fast_loss, fast_grads) = results[False], results[True]
+    diffs = {k: (plain[k] - fast[k]).abs().max().item() for k in plain}
+    diffs["loss"] = (plain_loss - fast_loss).abs().item()
+    assert plain_grads.keys() == fast_grads.keys() and len(plain_grads) > 0
+    assert any("aligner" in n for n in plain_grads) == ("aligner" in trainable)
+    scale = max(g.abs().max().item() for g in plain_grads.values())
+    diffs["grad"] = max((plain_grads[n] - fast_grads[n]).abs().max().item() for n in plain_grads)
+    print(f"\n{trainable} gt_weight={gt_weight} {pairs_per_row}: max grad {scale:.2e}, diffs "
+          + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
+    # summed log-probs are ~ -80: compare them at fp32 resolution of that size, everything per token at ATOL
+    for key in ("policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected"):
+        assert torch.allclose(fast[key], plain[key], rtol=1e-6, atol=ATOL), key
+    assert diffs["gt_ce"] <= ATOL and diffs["loss"] <= ATOL
+    assert (fast["gt_ce"] > 0).all() if gt_weight else not fast["gt_ce"].any()
+    for name in plain_grads:
+        assert torch.allclose(fast_grads[name], plain_grads[name], rtol=1e-4, atol=ATOL), name
+
+
+@pytest.mark.slow
+def test_flex_attention_equals_sdpa_on_cpu(tiny_base, clips):
+    """The BlockMask path through transformers' flex_attention (torch.compile on CPU: ~40 s the first time)."""
+    module = module_for(tiny_base)
+    batch = preference_batch(module.processor, clips, "mixed")
+    packed = pack_preference(batch, 3, budget(batch, 3, 2))
+    with torch.no_grad():
+        sdpa = packed_token_logps(module.model, packed, batch)
+        module.model.llm.config._attn_implementation = "flex_attention"
+        try:
+            out = module.model(**packed.model_inputs("flex_attention"), **media_inputs(batch),
+                               **packed.logp_inputs(), return_logits=False)
+        finally:
+            module.model.llm.config._attn_implementation = "sdpa"
+    flex = out.token_logps
+    diff = (torch.cat(sdpa) - torch.cat([flex[packed.logp_segment == s] for s in range(12)])).abs().max().item()
+    print(f"\nflex vs sdpa: max |token logp diff| {diff:.2e}")
+    assert diff <= ATOL
