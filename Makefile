@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 SYNTH  := data/synthav
 SEED   ?= 0
 
-.PHONY: install lint test test-all data base sft mrdpo mrdpo-single-round mrdpo-no-gt bench clean-venv
+.PHONY: install lint test test-all data base sft mrdpo mrdpo-single-round mrdpo-no-gt bench bench-venv bench-dpo clean-venv
 
 install: $(STAMP)
 
@@ -82,6 +82,28 @@ eval: data
 
 bench: $(STAMP)
 	$(PY) bench/data_throughput.py
+
+# TRL for bench/dpo_step.py only: .venv-bench = requirements.txt + bench/requirements-trl.txt (.venv stays without it).
+BENCH_VENV  := .venv-bench
+BENCH_PY    := $(BENCH_VENV)/bin/python
+BENCH_STAMP := $(BENCH_VENV)/.installed
+
+bench-venv: $(BENCH_STAMP)
+
+$(BENCH_STAMP): requirements.txt bench/requirements-trl.txt
+	test -x $(BENCH_PY) || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_PY) -m pip install --quiet --upgrade pip
+	$(BENCH_PY) -m pip install --quiet --progress-bar off -r bench/requirements-trl.txt
+	touch $@
+
+# One gDPO step, plain vs TRL's DPOTrainer vs the packed fast path: pairs/s and peak memory (bench/RESULTS.md).
+#   make bench-dpo PROMPT_LEN=16384 DPO_BENCH_ARGS="--pairs 1 --steps 1"
+#   make bench-dpo DPO_BENCH_ARGS="--json"
+PROMPT_LEN     ?= 4096
+DPO_BENCH_ARGS ?=
+
+bench-dpo: $(BENCH_STAMP)
+	$(BENCH_PY) bench/dpo_step.py --prompt-len $(PROMPT_LEN) $(DPO_BENCH_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

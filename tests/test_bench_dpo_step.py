@@ -1,0 +1,125 @@
+"""bench/dpo_step.py at toy sizes: its inputs are what it says, its paths run a step, TRL's LLM is ours.
+
+The benchmark's figures are not checked here (timing belongs in bench/RESULTS.md); the harness is: exact prompt
+and response lengths, plain == packed loss on the same batch, the text LLM given to TRL computes the AV model's
+logits, the 7B shape, the ratios. One test runs the script end to end in its subprocesses (slow, opt-in).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "bench" / "dpo_step.py"
+PROMPT, RESPONSE = 160, 8
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_dpo_step", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = load_bench()
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    settings = bench.Settings(prompt_len=PROMPT, response_len=RESPONSE, pairs=2, steps=1, warmup=0, model="tiny",
+                              threads=1)
+    workdir = tmp_path_factory.mktemp("dpo_step")
+    info = bench.prepare(settings, workdir)
+    return settings, workdir, info
+
+
+def test_prompt_and_responses_have_the_asked_lengths(prepared):
+    settings, workdir, info = prepared
+    batch = torch.load(workdir / "batch.pt", weights_only=False)
+    b = settings.pairs
+    assert batch["responses"] == ["chosen", "rejected", "gt"] and batch["input_ids"].shape[0] == 3 * b
+    labelled = batch["labels"] != -100
+    for row in range(3 * b):
+        positions = labelled[row].nonzero().flatten()
+        assert positions[0] == PROMPT and len(positions) == RESPONSE  # prompt of PROMPT tokens, then the response
+    assert info["media_tokens"] > PROMPT / 2  # the audio-visual span dominates the prompt
+    texts = json.loads((workdir / "trl_texts.json").read_text())
+    from src.models.processor import AVProcessor
+
+    tokenizer = AVProcessor.from_pretrained(workdir / "base").tokenizer
+    assert len(tokenizer.encode(texts["prompt"])) == PROMPT
+    assert len(tokenizer.encode(texts["prompt"] + texts["chosen"])) == PROMPT + RESPONSE - 1  # + TRL's end token
+
+
+def test_plain_and_fast_paths_run_a_step_with_the_same_loss(prepared):
+    settings, workdir, _ = prepared
+    plain = bench.run_path("plain", settings, workdir)
+    assert plain["oom"] is False and plain["pairs_per_s"] > 0 and plain["peak_mem_mb"] >= 0
+    if not bench.supports_packed():
+        assert "skipped" in bench.run_path("fast", settings, workdir)
+        return
+    fast = bench.run_path("fast", settings, workdir)
+    rollout = bench.run_path("fast_rollout_ref", settings, workdir)
+    # LoRA starts at B = 0: policy == reference, so both losses are log 2 + 0.1 * gt CE, on the same batch
+    assert fast["loss_first_step"] == pytest.approx(plain["loss_first_step"], abs=1e-5)
+    assert rollout["loss_first_step"] == pytest.approx(plain["loss_first_step"], abs=1e-5)
+
+
+def test_trl_gets_the_same_llm(prepared):
+    """Qwen2ForCausalLM with the copied weights == the AV model's LLM on text (M-RoPE, three equal axes)."""
+    _, workdir, _ = prepared
+    from src.models.build import load_base
+
+    av_model, processor = load_base(workdir / "base")
+    text_model = bench.causal_lm_from(av_model, torch.float32).eval()
+    ids = torch.tensor([processor.tokenizer.encode("a red ball rolls left while a dog barks")])
+    positions = torch.arange(ids.shape[1]).expand(3, 1, -1)
+    with torch.no_grad():
+        ours = av_model(input_ids=ids, position_ids=positions).logits
+        theirs = text_model(input_ids=ids).logits
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="trl lives in .venv-bench (make bench-venv)")
+def test_trl_path_runs_a_step(prepared):
+    settings, workdir, _ = prepared
+    result = bench.run_path("trl", settings, workdir)
+    assert result["oom"] is False and result["pairs_per_s"] > 0 and result["trl_version"] == "1.16.0"
+
+
+def test_7b_shape_is_qwen2_5_vl_7b():
+    from src.models.av_llm import AVLLM, parameter_summary
+
+    config, _, _ = bench.base_config(bench.Settings(model="7b", device="cuda"))
+    with torch.device("meta"):
+        counts = parameter_summary(AVLLM(config))
+    # Qwen2.5-VL-7B: 7.07 B in the decoder, a 545 M untied LM head, a 677 M vision tower; Whisper-large-v3's encoder
+    assert round(counts["llm"] / 1e9, 2) == 7.07 and round(counts["lm_head"] / 1e6) == 545
+    assert round(counts["vision"] / 1e6) == 677 and round(counts["whisper"] / 1e6) == 637
+
+
+def test_ratios_skip_missing_and_oom_paths():
+    results = {"plain": {"pairs_per_s": 1.0, "peak_mem_mb": 400.0, "oom": False},
+               "trl": {"oom": True, "error": "out of memory"},
+               "fast": {"pairs_per_s": 2.5, "peak_mem_mb": 100.0, "oom": False}}
+    assert bench.ratios(results) == {"fast/plain": {"pairs_per_s": 2.5, "peak_mem_mb": 0.25},
+                                     "fast/trl": {"pairs_per_s": None, "peak_mem_mb": None}}
+
+
+@pytest.mark.slow
+def test_script_prints_one_json_object():
+    command = [sys.executable, str(SCRIPT), "--model", "tiny", "--prompt-len", str(PROMPT), "--response-len",
+               str(RESPONSE), "--pairs", "1", "--steps", "1", "--warmup", "0", "--paths", "plain,fast", "--json"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert {"plain", "fast", "ratios", "machine", "settings"} <= set(report)
+    assert report["plain"]["pairs_per_s"] > 0 and report["settings"]["prompt_len"] == PROMPT
