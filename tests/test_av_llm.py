@@ -156,3 +156,22 @@ def test_processor_settings_round_trip(loaded, tmp_path):
                                                                prompt="Say what happens."))
     custom.save_pretrained(tmp_path)
     assert AVProcessor.from_pretrained(tmp_path).settings == custom.settings
+
+
+def test_tiny_patch_and_merge_sizes_are_settings(tmp_path, clip_path):
+    """patch 7 x merge 4 covers the same 28 px per LLM token as 14 x 2 (same sequence layout), with 4x as many
+    ViT patches: the vision tower and the processor agree on the grid, and the model trains."""
+    out = build_tiny(tmp_path / "p7", tokenizer_texts=300, patch_size=7, merge_size=4)
+    model, processor = load_base(out)
+    assert (processor.settings.vision.patch_size, processor.settings.vision.merge_size) == (7, 4)
+    assert model.visual.config.patch_size == 7 and model.visual.config.spatial_merge_size == 4
+    sample = inputs(processor, clip_path, "av")
+    t, h, w = sample["video_grid_thw"].tolist()
+    assert (h, w) == (8, 8) and sample["pixel_values_videos"].shape == (t * h * w, 3 * 2 * 7 * 7)
+    default_grid = AVProcessor(processor.tokenizer, ProcessorSettings(sampling=processor.settings.sampling,
+                                                                      audio=processor.settings.audio))
+    reference = inputs(default_grid, clip_path, "av")
+    assert torch.equal(sample["input_ids"], reference["input_ids"])  # same tokens as the 14 x 2 layout
+    out = model(**processor.collate([sample]))
+    out.loss.backward()
+    assert model.visual.patch_embed.proj.weight.grad.abs().sum() > 0

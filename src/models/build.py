@@ -36,7 +36,7 @@ from src.models.tokenizer import ensure_audio_token, special_ids, train_tiny_tok
 # Tiny defaults: small enough for CPU training in minutes, shaped like the real thing (same classes, same layout).
 TINY = {
     "hidden": 128, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate": 384,
-    "vision_hidden": 64, "vision_depth": 2, "vision_heads": 2,
+    "vision_hidden": 64, "vision_depth": 2, "vision_heads": 2, "patch_size": 14, "merge_size": 2,
     "whisper_hidden": 64, "whisper_layers": 2, "whisper_heads": 2, "n_mels": 80, "chunk_seconds": 4.0,
     "aligner_hidden": 64, "aligner_layers": 2, "aligner_heads": 2,
     "vocab": 1024, "tokenizer_texts": 4000, "llm_init_std": 0.08,
@@ -63,8 +63,9 @@ def tiny_configs(tokenizer, sizes: dict) -> AVLLMConfig:
                 pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], bos_token_id=ids["<|endoftext|>"])
     vision = dict(depth=sizes["vision_depth"], hidden_size=sizes["vision_hidden"],
                   intermediate_size=2 * sizes["vision_hidden"], num_heads=sizes["vision_heads"],
-                  out_hidden_size=sizes["hidden"], window_size=56, fullatt_block_indexes=[sizes["vision_depth"] - 1],
-                  tokens_per_second=2, patch_size=14, temporal_patch_size=2, spatial_merge_size=2)
+                  out_hidden_size=sizes["hidden"], window_size=2 * sizes["patch_size"] * sizes["merge_size"],
+                  fullatt_block_indexes=[sizes["vision_depth"] - 1], tokens_per_second=2,
+                  patch_size=sizes["patch_size"], temporal_patch_size=2, spatial_merge_size=sizes["merge_size"])
     qwen = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
                             video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
                             vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=True)
@@ -95,7 +96,8 @@ def build_tiny(out: str | os.PathLike, *, seed: int = 0, calibration: Sequence[S
     config._attn_implementation = "sdpa"
     model = AVLLM(config)
     scratch_init(model, sizes["llm_init_std"])
-    settings = ProcessorSettings(sampling=TINY_SAMPLING, audio=AudioSettings(**config.audio))
+    vision = VisionSettings(patch_size=sizes["patch_size"], merge_size=sizes["merge_size"])
+    settings = ProcessorSettings(sampling=TINY_SAMPLING, audio=AudioSettings(**config.audio), vision=vision)
     processor = AVProcessor(tokenizer, settings)
     if calibration:
         processor, report = calibrate_media(model, processor, calibration)
