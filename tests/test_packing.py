@@ -298,3 +298,21 @@ def test_flex_attention_equals_sdpa_on_cpu(tiny_base, clips):
     diff = (torch.cat(sdpa) - torch.cat([flex[packed.logp_segment == s] for s in range(12)])).abs().max().item()
     print(f"\nflex vs sdpa: max |token logp diff| {diff:.2e}")
     assert diff <= ATOL
+
+
+def test_llm_attention_setting_switches_the_decoder_kernel_only(tiny_base, clips):
+    """llm_attention='eager' takes the packed rows' additive mask and gives the sdpa values; the encoders keep
+    their own kernel; an unknown kernel is refused."""
+    batch = preference_batch(module_for(tiny_base).processor, clips, "mixed")
+    values = {}
+    for kernel in ("sdpa", "eager"):
+        torch.manual_seed(0)  # the same fresh LoRA A in both modules
+        module = module_for(tiny_base, llm_attention=kernel)
+        assert module.model.llm.config._attn_implementation == kernel
+        assert module.model.visual.config._attn_implementation == "sdpa"
+        with torch.no_grad():
+            values[kernel] = module.preference_forward(batch)
+    for key, value in values["sdpa"].items():
+        assert torch.allclose(values["eager"][key], value, rtol=1e-6, atol=ATOL), key
+    with pytest.raises(ValueError, match="llm_attention"):
+        DPOModule(base=str(tiny_base), llm_attention="flash")

@@ -95,12 +95,16 @@ class DPOModule(pl.LightningModule):
         schedule_steps: optimizer steps of one LR cycle (a round); None = the whole run.
         packed: prefix-shared packed forward (src.models.packing); False = the plain stacked sequences (the oracle).
         pack_tokens: token budget of one packed row; None = one row per pair (see the module docstring).
+        llm_attention: the LLM decoder's attention kernel ("sdpa", "eager" or "flex_attention"); None keeps the
+            base's (sdpa). "flex_attention" takes the packed rows' BlockMask, which skips the blocks between pairs
+            and responses: the CUDA choice with ``pack_tokens``. Only the decoder switches; the encoders keep theirs.
     """
 
     def __init__(self, base: str, beta: float = BETA, gt_weight: float = GT_WEIGHT, loss_type: LossType = "sigmoid",
                  trainable: list[str] | None = None, lora: LoraSettings = LoraSettings(), lr: float = 5e-6,
                  optim: OptimSettings = OptimSettings(), schedule_steps: int | None = None,
-                 activation_checkpointing: bool = False, packed: bool = True, pack_tokens: int | None = None):
+                 activation_checkpointing: bool = False, packed: bool = True, pack_tokens: int | None = None,
+                 llm_attention: Literal["sdpa", "eager", "flex_attention"] | None = None):
         super().__init__()
         if loss_type not in PREFERENCE_LOSSES:
             raise ValueError(f"loss_type must be one of {tuple(PREFERENCE_LOSSES)}, got {loss_type!r}")
@@ -110,13 +114,15 @@ class DPOModule(pl.LightningModule):
             raise ValueError(f"schedule_steps must be >= 1 or None, got {schedule_steps}")
         if pack_tokens is not None and pack_tokens < 1:
             raise ValueError(f"pack_tokens must be >= 1 or None, got {pack_tokens}")
+        if llm_attention not in (None, "sdpa", "eager", "flex_attention"):
+            raise ValueError(f"llm_attention must be sdpa, eager, flex_attention or None, got {llm_attention!r}")
         self.save_hyperparameters()
         self.base, self.beta, self.gt_weight, self.loss_type, self.lr = base, beta, gt_weight, loss_type, lr
         self.lora = lora if isinstance(lora, LoraSettings) else LoraSettings(**lora)
         self.optim = optim if isinstance(optim, OptimSettings) else OptimSettings(**optim)
         self.trainable = tuple(trainable) if trainable is not None else DPO_TRAINABLE
         self.schedule_steps, self.activation_checkpointing = schedule_steps, activation_checkpointing
-        self.packed, self.pack_tokens = packed, pack_tokens
+        self.packed, self.pack_tokens, self.llm_attention = packed, pack_tokens, llm_attention
         self.model = None
         self.processor = None
         self.round = 0
@@ -131,6 +137,8 @@ class DPOModule(pl.LightningModule):
             return
         self.model, self.processor = build_trainable_model(self.base, self.trainable, self.lora,
                                                            self.activation_checkpointing)
+        if self.llm_attention is not None:
+            self.model.llm.config._attn_implementation = self.llm_attention  # read by every decoder layer per call
         self.reference_snapshot = ReferenceSnapshot.take(self.model)
         shard_under_model_parallel(self, self.model)
 
