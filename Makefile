@@ -6,7 +6,8 @@ STAMP  := $(VENV)/.installed
 SYNTH  := data/synthav
 SEED   ?= 0
 
-.PHONY: install lint test test-all data base sft mrdpo mrdpo-single-round mrdpo-no-gt bench bench-venv bench-dpo clean-venv
+.PHONY: install lint test test-all data base sft mrdpo mrdpo-single-round mrdpo-no-gt bench clean-venv
+.PHONY: bench-venv bench-dpo
 
 install: $(STAMP)
 
