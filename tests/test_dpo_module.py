@@ -134,14 +134,20 @@ def counters(model) -> dict[str, Counter]:
     return {"vision": Counter(model.visual), "whisper": Counter(model.whisper), "llm": Counter(model.llm)}
 
 
-@pytest.mark.parametrize("packed", [True, False], ids=["packed", "plain"])
+MODES = {"cache": {"packed": True, "prefix_sharing": "cache"}, "mask": {"packed": True, "prefix_sharing": "mask"},
+         "plain": {"packed": False}}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("case, trainable, encoders, llm", [
     ("reference from rows", ("lora", "aligner", "merger"), 1, 1),
     ("reference pass, LoRA only: shared embeddings", ("lora",), 1, 2),
     ("reference pass with aligner/merger snapshot", ("lora", "aligner", "merger"), 2, 2),
 ])
-def test_encoders_run_once_per_sample(tiny_base, synthav, tmp_path, case, trainable, encoders, llm, packed):
-    module = module_for(tiny_base, trainable, packed=packed)
+def test_encoders_run_once_per_sample(tiny_base, synthav, tmp_path, case, trainable, encoders, llm, mode):
+    """Encoder calls per step; decoder calls per pass: 1, or 2 in the cache form (prompts, then responses)."""
+    module = module_for(tiny_base, trainable, **MODES[mode])
+    llm *= 2 if mode == "cache" else 1
     ref = {f"train-00000{i}": (-10.0, -12.0) for i in range(4)} if case == "reference from rows" else None
     batch, _ = preference_batch(module, write_pairs(synthav, tmp_path / "p.jsonl", ref=ref))
     count = counters(module.model)
@@ -149,13 +155,13 @@ def test_encoders_run_once_per_sample(tiny_base, synthav, tmp_path, case, traina
     assert {k: c.calls for k, c in count.items()} == {"vision": encoders, "whisper": encoders, "llm": llm}
 
 
-@pytest.mark.parametrize("packed", [True, False], ids=["packed", "plain"])
+@pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("trainable", [("lora",), ("lora", "aligner", "merger")])
 def test_stacked_pass_equals_separate_sequences_and_reference_is_the_start_model(tiny_base, synthav, tmp_path,
-                                                                               trainable, packed):
+                                                                               trainable, mode):
     """After 'training' (LoRA B and aligner/merger moved): policy log-probs of the one stacked (or packed) pass ==
     each response's own forward; reference log-probs == the untouched base's; the parameters are left as they were."""
-    module = module_for(tiny_base, trainable, packed=packed)
+    module = module_for(tiny_base, trainable, **MODES[mode])
     perturb(module)
     batch, rows = preference_batch(module, write_pairs(synthav, tmp_path / "p.jsonl"))
     before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
@@ -207,13 +213,13 @@ def test_fresh_adapter_gives_log_2_zero_rewards_and_exactly_the_gt_term(tiny_bas
     assert loss.item() == pytest.approx(math.log(2) + 0.25 * stats["loss/gt_ce"].item(), abs=1e-6)
 
 
-@pytest.mark.parametrize("packed", [True, False], ids=["packed", "plain"])
-def test_gt_weight_needs_gt_and_zero_skips_the_gt_rows(tiny_base, synthav, tmp_path, packed):
-    module = module_for(tiny_base, packed=packed)
+@pytest.mark.parametrize("mode", list(MODES))
+def test_gt_weight_needs_gt_and_zero_skips_the_gt_rows(tiny_base, synthav, tmp_path, mode):
+    module = module_for(tiny_base, **MODES[mode])
     batch, _ = preference_batch(module, write_pairs(synthav, tmp_path / "p.jsonl", gt=False))
     with pytest.raises(ValueError, match="needs a ground-truth caption"):
         module.preference_forward(batch)
-    plain = module_for(tiny_base, gt_weight=0.0, packed=packed)
+    plain = module_for(tiny_base, gt_weight=0.0, **MODES[mode])
     batch, _ = preference_batch(plain, write_pairs(synthav, tmp_path / "q.jsonl", gt=True))
     shapes = []
     plain.model.llm.register_forward_pre_hook(lambda m, args, kwargs: shapes.append(kwargs["inputs_embeds"].shape[:2]),
@@ -221,11 +227,12 @@ def test_gt_weight_needs_gt_and_zero_skips_the_gt_rows(tiny_base, synthav, tmp_p
     out = plain.preference_forward(batch)
     assert not out["gt_ce"].any()
     # reference + policy over chosen and rejected only: 2 x 4 stacked sequences, or 4 packed rows (one per pair)
-    # as long as the longest [prompt | chosen | rejected]
     labelled = (batch["labels"] != IGNORE_INDEX).sum(1).view(3, 4)
     prompt = batch["attention_mask"][:4].sum(1) - labelled[0]
-    rows = [(8, int(batch["attention_mask"][:8].sum(1).max()))] if not packed else [
-        (4, int((prompt + labelled[0] + labelled[1]).max()))]
+    # as long as the longest [prompt | chosen | rejected], or in the cache form 4 prompts then 8 responses
+    rows = {"plain": [(8, int(batch["attention_mask"][:8].sum(1).max()))],
+            "mask": [(4, int((prompt + labelled[0] + labelled[1]).max()))],
+            "cache": [(4, int(prompt.max())), (8, int(labelled[:2].max()))]}[mode]
     assert [tuple(s) for s in shapes] == rows * 2
     loss, stats = plain.loss_and_stats(out)
     assert "loss/gt_ce" not in stats and loss.item() == pytest.approx(stats["loss/dpo"].item())
@@ -236,6 +243,8 @@ def test_settings_are_checked(tiny_base):
         DPOModule(base=str(tiny_base), loss_type="hinge")
     with pytest.raises(ValueError, match="beta"):
         DPOModule(base=str(tiny_base), beta=0.0)
+    with pytest.raises(ValueError, match="prefix_sharing"):
+        DPOModule(base=str(tiny_base), prefix_sharing="kv")
 
 
 # -- a round boundary under a Trainer ---------------------------------------------------------------------

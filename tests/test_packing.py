@@ -14,7 +14,7 @@ from src.lit.dpo import DPOModule, media_inputs, model_call, response_rows
 from src.losses.logprobs import IGNORE_INDEX, token_logps
 from src.models.build import build_tiny
 from src.models.lora import ADAPTER, LoraSettings, lora_layers
-from src.models.packing import PADDING, PROMPT, pack_preference, pack_rows
+from src.models.packing import PADDING, PROMPT, pack_preference, pack_rows, prefix_batch
 
 ATOL = 1e-5
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0}
@@ -251,7 +251,7 @@ def grads(module: DPOModule) -> dict[str, torch.Tensor]:
 ])
 def test_packed_step_equals_plain_step_values_loss_and_gradients(tiny_base, clips, trainable, gt_weight,
                                                                  pairs_per_row):
-    module = module_for(tiny_base, trainable, gt_weight=gt_weight)
+    module = module_for(tiny_base, trainable, gt_weight=gt_weight, prefix_sharing="mask")
     batch = preference_batch(module.processor, clips, "audio+video", gt=gt_weight > 0)
     module.pack_tokens = budget(batch, 3 if gt_weight else 2, pairs_per_row)
     results = {}
@@ -300,14 +300,15 @@ def test_flex_attention_equals_sdpa_on_cpu(tiny_base, clips):
     assert diff <= ATOL
 
 
-def test_llm_attention_setting_switches_the_decoder_kernel_only(tiny_base, clips):
-    """llm_attention='eager' takes the packed rows' additive mask and gives the sdpa values; the encoders keep
-    their own kernel; an unknown kernel is refused."""
+@pytest.mark.parametrize("prefix_sharing", ["mask", "cache"])
+def test_llm_attention_setting_switches_the_decoder_kernel_only(tiny_base, clips, prefix_sharing):
+    """llm_attention='eager' takes the packed rows' additive mask (or the cache form's 2-D masks) and gives the
+    sdpa values; the encoders keep their own kernel; an unknown kernel is refused."""
     batch = preference_batch(module_for(tiny_base).processor, clips, "mixed")
     values = {}
     for kernel in ("sdpa", "eager"):
         torch.manual_seed(0)  # the same fresh LoRA A in both modules
-        module = module_for(tiny_base, llm_attention=kernel)
+        module = module_for(tiny_base, llm_attention=kernel, prefix_sharing=prefix_sharing)
         assert module.model.llm.config._attn_implementation == kernel
         assert module.model.visual.config._attn_implementation == "sdpa"
         with torch.no_grad():
@@ -316,3 +317,107 @@ def test_llm_attention_setting_switches_the_decoder_kernel_only(tiny_base, clips
         assert torch.allclose(values["eager"][key], value, rtol=1e-6, atol=ATOL), key
     with pytest.raises(ValueError, match="llm_attention"):
         DPOModule(base=str(tiny_base), llm_attention="flash")
+
+
+# -- KV-cache prefix sharing (prefix_sharing="cache") -------------------------------------------------------------
+
+def test_prefix_batch_hand_made_inputs_and_targets():
+    """Pair 0: prompt 3, chosen 2, rejected 1; pair 1: prompt 2, chosen 1, rejected 2. Token 0 of every response
+    comes from the prompt pass (last real prompt token: flat 2, and 3 + 1 = 4); the rest from the response pass."""
+    prefix = prefix_batch(hand_batch(HAND), responses=2, pad_token_id=0)
+    assert prefix.prompt_ids.tolist() == [[10, 11, 12], [13, 14, 0]]
+    assert prefix.prompt_mask.tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert prefix.prompt_positions[1].tolist() == [[100, 101, 102], [100, 101, 1]]
+    assert prefix.response_ids.tolist() == [[20, 21], [22, 0], [30, 0], [31, 32]]  # chosen x b | rejected x b
+    assert prefix.response_mask.tolist() == [[1, 1], [1, 0], [1, 0], [1, 1]]
+    assert prefix.response_positions[2].tolist() == [[203, 204], [202, 1], [203, 1], [202, 203]]
+    assert prefix.prompt_index.tolist() == [2, 4, 2, 4] and prefix.prompt_targets.tolist() == [20, 22, 30, 31]
+    assert prefix.prompt_segment.tolist() == [0, 1, 2, 3]
+    assert prefix.response_index.tolist() == [0, 6] and prefix.response_targets.tolist() == [21, 32]
+    assert prefix.response_segment.tolist() == [0, 3]
+    sums = prefix.response_sums(torch.tensor([1.0, 2.0, 4.0, 8.0]), torch.tensor([16.0, 32.0]))
+    assert sums.tolist() == [[17.0, 2.0], [4.0, 40.0]]
+    assert prefix.response_counts().tolist() == [[2, 1], [1, 2]]
+    inputs = prefix.prompt_inputs(responses=1)
+    assert inputs["logp_index"].tolist() == [2, 4] and inputs["logp_targets"].tolist() == [20, 22]
+
+
+def cache_step(module: DPOModule, batch: dict, mode: str):
+    """preference_forward + loss + backward in ``mode`` (plain, cache or mask)."""
+    module.packed = mode != "plain"
+    module.prefix_sharing = "cache" if mode == "plain" else mode
+    module.model.zero_grad(set_to_none=True)
+    out = module.preference_forward(batch)
+    loss, _ = module.loss_and_stats(out)
+    loss.backward()
+    return out, loss.detach(), grads(module)
+
+
+@pytest.mark.parametrize("trainable, gt, modality", [
+    (("lora",), True, "audio+video"),  # the reference's prompt pass hands its embeddings to the policy
+    (("lora", "aligner", "merger"), True, "audio+video"),  # the reference runs the encoders itself
+    (("lora", "aligner", "merger"), True, "video"),
+    (("lora", "aligner", "merger"), False, "audio"),
+    (("lora",), False, "mixed"),
+    (("lora", "aligner", "merger"), True, "mixed"),
+])
+def test_cache_step_equals_plain_step_values_loss_and_gradients(tiny_base, clips, trainable, gt, modality):
+    module = module_for(tiny_base, trainable, gt_weight=0.1 if gt else 0.0)
+    assert module.prefix_sharing == "cache" and module.packed  # the default
+    batch = preference_batch(module.processor, clips, modality, gt=gt)
+    plain, plain_loss, plain_grads = cache_step(module, batch, "plain")
+    fast, fast_loss, fast_grads = cache_step(module, batch, "cache")
+    diffs = {k: (plain[k] - fast[k]).abs().max().item() for k in plain}
+    diffs["loss"] = (plain_loss - fast_loss).abs().item()
+    assert plain_grads.keys() == fast_grads.keys() and len(plain_grads) > 0
+    if modality != "video":  # no audio, no aligner gradient
+        assert any("aligner" in n for n in plain_grads) == ("aligner" in trainable)
+    diffs["grad"] = max((plain_grads[n] - fast_grads[n]).abs().max().item() for n in plain_grads)
+    print(f"\ncache {trainable} gt={gt} {modality}: diffs " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
+    for key in ("policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected"):
+        assert torch.allclose(fast[key], plain[key], rtol=1e-6, atol=ATOL), key
+    assert diffs["gt_ce"] <= ATOL and diffs["loss"] <= ATOL
+    assert (fast["gt_ce"] > 0).all() if gt else not fast["gt_ce"].any()
+    for name in plain_grads:
+        assert torch.allclose(fast_grads[name], plain_grads[name], rtol=1e-4, atol=ATOL), name
+
+
+def test_cache_token_logps_equal_the_stacked_sequences(tiny_base, clips):
+    """Per token, both passes together: the plain path's log-prob of every labelled token."""
+    module = module_for(tiny_base)
+    batch = preference_batch(module.processor, clips, "mixed")
+    prefix = prefix_batch(batch, 3, module.processor.pad_token_id)
+    with torch.no_grad():
+        plain = plain_token_logps(module.model, batch, 3)
+        prompt = module.model(**prefix.prompt_inputs(), **media_inputs(batch), use_cache=True, return_logits=False)
+        reply = module.model(**prefix.response_inputs(prompt.cache), return_logits=False)
+    fast = [torch.cat([prompt.token_logps[prefix.prompt_segment == s], reply.token_logps[prefix.response_segment == s]])
+            for s in range(12)]
+    assert [len(t) for t in fast] == [len(t) for t in plain]
+    diff = max((a - b).abs().max().item() for a, b in zip(plain, fast))
+    print(f"\ncache: max |token logp diff| {diff:.2e}")
+    assert diff <= ATOL
+
+
+def test_mask_mode_sdpa_mask_is_one_float_tensor_shared_by_every_layer(tiny_base, clips):
+    """prefix_sharing='mask' under sdpa: the mask is additive float in the model's dtype, built once per rows, and
+    the backward graph keeps ONE (L x L)-sized copy of it, not one per layer."""
+    module = module_for(tiny_base, prefix_sharing="mask")
+    batch = preference_batch(module.processor, clips, "mixed")
+    packed = pack_preference(batch, 3, None, module.processor.pad_token_id)
+    mask = packed.attention_mask("sdpa", module.model.dtype)
+    assert mask.dtype == module.model.dtype and mask is packed.attention_mask("sdpa", module.model.dtype)
+    assert torch.equal(mask == 0, packed.dense_mask())
+    r, length = packed.input_ids.shape
+    saved = set()
+
+    def pack_hook(t):
+        if t.numel() >= r * length * length and t.shape[-2:] == (length, length):
+            saved.add(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda t: t):
+        module.packed_call(packed, media_inputs(batch))
+    layers = len(module.model.llm.layers)
+    print(f"\n{layers} layers: {len(saved)} saved (L x L) tensors")
+    assert layers > 1 and len(saved) <= 1

@@ -21,8 +21,16 @@ One step, for a batch of b pairs (src.models.processor.AVProcessor.collate_prefe
   into rows of at most ``pack_tokens`` tokens (None: one row per pair, the right choice with SDPA, whose dense
   mask computes the blocks between pairs too; a budget pays with flex_attention or very uneven pairs). The
   reference pass is packed the same way: over the policy's rows (gt included) when it shares its embeddings,
-  else over [prompt | chosen | rejected]. ``packed=False`` is the plain stacked path above, kept as the oracle:
-  both give the same per-pair log-probs, gt CE and loss (tests/test_packing.py).
+  else over [prompt | chosen | rejected]. That is ``prefix_sharing="mask"`` (sdpa and eager get one additive
+  float mask shared by every layer; flex_attention a BlockMask: the CUDA choice with ``pack_tokens``).
+  ``prefix_sharing="cache"`` (the default) shares the prefix through the KV cache instead, with no L x L mask:
+  a prompt pass over the b prompts (use_cache; it also scores token 0 of every response from the last prompt
+  token), then a response pass over the k * b responses on the prompt cache repeated k times (kept in the graph,
+  so gradients reach the prompt pass), with [prompt mask | response mask] and each response's own positions
+  (src.models.packing.PrefixBatch). SDPA then runs causal prompts and short response queries only. The reference
+  runs both passes over chosen and rejected; its prompt pass's embeddings feed the policy's when shared.
+  ``packed=False`` is the plain stacked path above, kept as the oracle: all give the same per-pair log-probs, gt
+  CE and loss (tests/test_packing.py).
 - Loss: mean over pairs of gdpo_loss = preference loss (``loss_type`` sigmoid | ipo) + gt_weight * gt CE.
   gt_weight is the paper's lambda (0.1); 0 gives plain DPO and skips the gt sequences. With gt_weight > 0 every
   pair must carry a ``gt`` caption (an error otherwise, never a silent drop of the term).
@@ -47,10 +55,11 @@ from src.lit.sft import (OptimSettings, adamw, build_trainable_model, log_grad_n
 from src.losses.dpo import BETA, GT_WEIGHT, PREFERENCE_LOSSES, gdpo_loss, preference_stats
 from src.losses.logprobs import response_ce, sequence_logps
 from src.models.lora import LoraSettings, clear_optimizer_state_, fold_lora_, lora_parameters, reset_lora_
-from src.models.packing import PackedPairs, pack_preference
+from src.models.packing import PackedPairs, PrefixBatch, pack_preference, prefix_batch
 from src.models.reference import ReferenceSnapshot, reference_mode
 
 LossType = Literal["sigmoid", "ipo"]
+PrefixSharing = Literal["cache", "mask"]
 DPO_TRAINABLE = ("lora", "aligner", "merger")  # the paper's DPO stage: a fresh LoRA + aligner + visual merger
 MEDIA_INPUTS = ("pixel_values_videos", "video_grid_thw", "input_features", "audio_chunks", "audio_windows")
 CHECKPOINT_KEY = "dpo"
@@ -98,13 +107,16 @@ class DPOModule(pl.LightningModule):
         llm_attention: the LLM decoder's attention kernel ("sdpa", "eager" or "flex_attention"); None keeps the
             base's (sdpa). "flex_attention" takes the packed rows' BlockMask, which skips the blocks between pairs
             and responses: the CUDA choice with ``pack_tokens``. Only the decoder switches; the encoders keep theirs.
+        prefix_sharing: with ``packed``, "cache" (default: prompts once with a KV cache, then the responses on
+            it; no L x L mask) or "mask" (one packed row per pair or per budget with a 4-D mask / BlockMask).
     """
 
     def __init__(self, base: str, beta: float = BETA, gt_weight: float = GT_WEIGHT, loss_type: LossType = "sigmoid",
                  trainable: list[str] | None = None, lora: LoraSettings = LoraSettings(), lr: float = 5e-6,
                  optim: OptimSettings = OptimSettings(), schedule_steps: int | None = None,
                  activation_checkpointing: bool = False, packed: bool = True, pack_tokens: int | None = None,
-                 llm_attention: Literal["sdpa", "eager", "flex_attention"] | None = None):
+                 llm_attention: Literal["sdpa", "eager", "flex_attention"] | None = None,
+                 prefix_sharing: PrefixSharing = "cache"):
         super().__init__()
         if loss_type not in PREFERENCE_LOSSES:
             raise ValueError(f"loss_type must be one of {tuple(PREFERENCE_LOSSES)}, got {loss_type!r}")
@@ -116,6 +128,8 @@ class DPOModule(pl.LightningModule):
             raise ValueError(f"pack_tokens must be >= 1 or None, got {pack_tokens}")
         if llm_attention not in (None, "sdpa", "eager", "flex_attention"):
             raise ValueError(f"llm_attention must be sdpa, eager, flex_attention or None, got {llm_attention!r}")
+        if prefix_sharing not in ("cache", "mask"):
+            raise ValueError(f"prefix_sharing must be 'cache' or 'mask', got {prefix_sharing!r}")
         self.save_hyperparameters()
         self.base, self.beta, self.gt_weight, self.loss_type, self.lr = base, beta, gt_weight, loss_type, lr
         self.lora = lora if isinstance(lora, LoraSettings) else LoraSettings(**lora)
@@ -123,6 +137,7 @@ class DPOModule(pl.LightningModule):
         self.trainable = tuple(trainable) if trainable is not None else DPO_TRAINABLE
         self.schedule_steps, self.activation_checkpointing = schedule_steps, activation_checkpointing
         self.packed, self.pack_tokens, self.llm_attention = packed, pack_tokens, llm_attention
+        self.prefix_sharing = prefix_sharing
         self.model = None
         self.processor = None
         self.round = 0
@@ -188,7 +203,9 @@ class DPOModule(pl.LightningModule):
         ref_chosen, ref_rejected = batch["ref_chosen_logps"].float(), batch["ref_rejected_logps"].float()
         missing = ref_chosen.isnan() | ref_rejected.isnan()
         reference = on_any_rank(bool(missing.any()), ref_chosen.device)
-        out = (self.packed_logps if self.packed else self.plain_logps)(batch, blocks, reference)
+        forward = self.plain_logps if not self.packed else (
+            self.prefix_logps if self.prefix_sharing == "cache" else self.packed_logps)
+        out = forward(batch, blocks, reference)
         if reference:
             out["ref_chosen"] = torch.where(missing, out["ref_chosen"], ref_chosen)
             out["ref_rejected"] = torch.where(missing, out["ref_rejected"], ref_rejected)
@@ -257,6 +274,32 @@ class DPOModule(pl.LightningModule):
         implementation = self.model.llm.config._attn_implementation
         return self.model(**pack.model_inputs(implementation, self.model.dtype), **inputs,
                           **pack.logp_inputs(responses), return_logits=False)
+
+    # -- the KV-cache path: prompts once, then the responses on their repeated cache ------------------------------
+    def prefix_logps(self, batch: dict[str, Any], blocks: int, reference: bool) -> dict[str, torch.Tensor | None]:
+        """``plain_logps``'s values from two passes (src.models.packing.PrefixBatch): the b prompts with a cache,
+        then the responses on it. The reference scores chosen and rejected only; when it shares its embeddings, its
+        prompt pass's inputs_embeds feed the policy's prompt pass (encoders once)."""
+        prefix = prefix_batch(batch, blocks, self.processor.pad_token_id)
+        out: dict[str, torch.Tensor | None] = {}
+        inputs_embeds = None
+        if reference:
+            with reference_mode(self.model, self.reference_snapshot):
+                sums, embeds = self.prefix_call(prefix, media_inputs(batch), responses=2)
+            out["ref_chosen"], out["ref_rejected"] = sums
+            inputs_embeds = embeds if not self.reference_snapshot else None
+        inputs = {"inputs_embeds": inputs_embeds} if inputs_embeds is not None else media_inputs(batch)
+        sums, _ = self.prefix_call(prefix, inputs)
+        out["policy_chosen"], out["policy_rejected"] = sums[0], sums[1]
+        out["gt_ce"] = -sums[2] / prefix.response_counts()[2] if blocks == 3 else None
+        return out
+
+    def prefix_call(self, prefix: PrefixBatch, inputs: dict[str, Any], responses: int | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k, b) summed log-probs of the first ``responses`` responses, and the prompt pass's input embeddings."""
+        prompt = self.model(**prefix.prompt_inputs(responses), **inputs, use_cache=True, return_logits=False)
+        reply = self.model(**prefix.response_inputs(prompt.cache, responses), return_logits=False)
+        return prefix.response_sums(prompt.token_logps, reply.token_logps, responses), prompt.inputs_embeds
 
     def loss_and_stats(self, out: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Mean gDPO loss over the pairs, and the pair-averaged statistics to log."""

@@ -19,15 +19,20 @@ row-major order, which must stay the samples' order; first-fit would reorder the
 A pair longer than ``pack_tokens`` gets a row of its own (never an error: the budget is about padding and mask
 size, not a hard limit). ``pack_tokens=None`` puts every pair in its own row.
 
-Cost: the dense mask is (r, 1, L, L) bool, for SDPA/eager (on CPU). SDPA with a dense mask computes every
+Cost: the dense mask is (r, 1, L, L) additive float (one tensor per rows, shared by every layer), for SDPA/eager
+(on CPU). SDPA with a dense mask computes every
 query-key block, so several pairs in one row cost more attention FLOPs than one row per pair; FlexAttention's
 BlockMask (``attention_mask(..., "flex_attention")``, CUDA) skips the blocks between pairs, which is where
 packing several pairs per row pays.
+
+``PrefixBatch`` / ``prefix_batch`` (the default in DPOModule, ``prefix_sharing="cache"``) share the prompt
+through the KV cache instead: the b prompts in one pass with a cache, then the k * b responses on that cache
+repeated k times, with 2-D masks only; the same split (``_split_pair``), positions and targets.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -58,6 +63,7 @@ class PackedPairs:
     pairs: int
     responses: int
     rows: list[list[int]]
+    _masks: dict = field(default_factory=dict, repr=False, compare=False)
 
     def dense_mask(self) -> torch.Tensor:
         """(r, 1, L, L) bool, True = attend (the SDPA convention; transformers passes a 4-D mask through)."""
@@ -89,13 +95,20 @@ class PackedPairs:
         return create_block_mask(self.mask_mod(), B=r, H=None, Q_LEN=length, KV_LEN=length, device=self.pair.device)
 
     def attention_mask(self, implementation: str, dtype: torch.dtype = torch.float32):
-        """The mask in the form ``implementation`` (the LLM config's _attn_implementation) takes: sdpa -> bool
-        (True = attend), eager -> additive float (0 / dtype min), flex_attention -> BlockMask."""
+        """The mask in the form ``implementation`` (the LLM config's _attn_implementation) takes: sdpa and eager ->
+        additive float (0 / dtype min, in the model's ``dtype``), flex_attention -> BlockMask. Built once per
+        (implementation, dtype) and kept: every layer of every pass over these rows reads the SAME tensor. (A bool
+        mask would be turned into a float one by SDPA at every layer call, one (r, 1, L, L) copy per layer kept
+        for backward.)"""
+        key = (implementation, dtype)
+        if key not in self._masks:
+            self._masks[key] = self._build_mask(implementation, dtype)
+        return self._masks[key]
+
+    def _build_mask(self, implementation: str, dtype: torch.dtype):
         if implementation == "flex_attention":
             return self.block_mask()
-        if implementation == "sdpa":
-            return self.dense_mask()
-        if implementation == "eager":
+        if implementation in ("sdpa", "eager"):
             mask = self.dense_mask()
             return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
         raise ValueError(f"packed pairs need an explicit mask; attention implementation {implementation!r} has no "
@@ -218,3 +231,138 @@ def pack_preference(batch: dict, responses: int, pack_tokens: int | None = None,
     return PackedPairs(input_ids=input_ids, position_ids=position_ids, pair=pair_ids, part=part_ids,
                        logp_index=torch.cat(index), logp_targets=torch.cat(targets), logp_segment=torch.cat(segment),
                        pairs=b, responses=responses, rows=rows)
+
+
+# -- KV-cache prefix sharing ------------------------------------------------------------------------------------
+
+@dataclass
+class PrefixBatch:
+    """b pairs with k responses each, for prefix sharing through the KV cache (no L x L mask anywhere):
+
+    1. prompt pass: the b prompts, right-padded: prompt_ids (b, P), prompt_positions (3, b, P), prompt_mask (b, P)
+       (1 = real), media once; it returns the cache and the log-prob of token 0 of every response, predicted by
+       the last real prompt token of its pair (prompt_index: that flat index into the b * P hidden states, once per
+       response; prompt_targets, prompt_segment);
+    2. response pass: the k * b responses in response-major order (row j * b + i = response j of pair i),
+       right-padded: response_ids (k*b, R), response_positions (3, k*b, R) (each response's own 3-D ids from its
+       unpacked sequence, i.e. restarting after the prompt), response_mask (k*b, R); on the prompt cache repeated
+       k times along the batch, with the 2-D mask [prompt mask | response mask] (padded prompt slots never seen;
+       the cache offset makes every response token see the whole prompt and its own past). Token t > 0 of a
+       response is predicted by its token t - 1 (response_index into the k * b * R hidden states, ...).
+
+    Segments are response * b + pair, as in PackedPairs. ``responses`` (<= k) everywhere selects the first
+    responses only (the reference pass: chosen and rejected): the rows j < responses, the entries with
+    segment < responses * b; the flat indices stay valid since the row length does not change.
+    """
+
+    prompt_ids: torch.Tensor
+    prompt_positions: torch.Tensor
+    prompt_mask: torch.Tensor
+    response_ids: torch.Tensor
+    response_positions: torch.Tensor
+    response_mask: torch.Tensor
+    prompt_index: torch.Tensor
+    prompt_targets: torch.Tensor
+    prompt_segment: torch.Tensor
+    response_index: torch.Tensor
+    response_targets: torch.Tensor
+    response_segment: torch.Tensor
+    pairs: int
+    responses: int
+
+    def _k(self, responses: int | None) -> int:
+        k = self.responses if responses is None else responses
+        if not 1 <= k <= self.responses:
+            raise ValueError(f"asked for {k} responses, the batch holds {self.responses}")
+        return k
+
+    def prompt_inputs(self, responses: int | None = None) -> dict[str, torch.Tensor]:
+        """AVLLM arguments of the prompt pass (add the media, or inputs_embeds, and use_cache=True)."""
+        keep = self.prompt_segment < self._k(responses) * self.pairs
+        return {"input_ids": self.prompt_ids, "position_ids": self.prompt_positions,
+                "attention_mask": self.prompt_mask, "logp_index": self.prompt_index[keep],
+                "logp_targets": self.prompt_targets[keep]}
+
+    def response_inputs(self, prompt_cache, responses: int | None = None) -> dict:
+        """AVLLM arguments of the response pass over the prompt pass's cache (``AVOutput.cache``), whose per-layer
+        keys / values are repeated k times along the batch in a fresh DynamicCache: they stay in the autograd
+        graph, so the responses' gradients reach the prompt pass."""
+        k = self._k(responses)
+        rows = k * self.pairs
+        keep = self.response_segment < rows
+        return {"input_ids": self.response_ids[:rows], "position_ids": self.response_positions[:, :rows],
+                "attention_mask": torch.cat([self.prompt_mask.repeat(k, 1), self.response_mask[:rows]], dim=1),
+                "cache": repeated_cache(prompt_cache, k), "use_cache": True,
+                "logp_index": self.response_index[keep], "logp_targets": self.response_targets[keep]}
+
+    def response_sums(self, prompt_logps: torch.Tensor, response_logps: torch.Tensor,
+                      responses: int | None = None) -> torch.Tensor:
+        """(k, b) SUM of the token log-probs of each (response, pair) from the two passes' ``token_logps``
+        (computed with ``prompt_inputs(responses)`` / ``response_inputs(..., responses)``)."""
+        k = self._k(responses)
+        rows = k * self.pairs
+        segment = torch.cat([self.prompt_segment[self.prompt_segment < rows],
+                             self.response_segment[self.response_segment < rows]])
+        logps = torch.cat([prompt_logps, response_logps])
+        sums = torch.zeros(rows, dtype=logps.dtype, device=logps.device)
+        return sums.index_add(0, segment, logps).view(k, self.pairs)
+
+    def response_counts(self) -> torch.Tensor:
+        """(k, b) number of scored tokens of each (response, pair)."""
+        segment = torch.cat([self.prompt_segment, self.response_segment])
+        return torch.bincount(segment, minlength=self.responses * self.pairs).view(self.responses, self.pairs)
+
+
+def repeated_cache(cache, repeats: int):
+    """A fresh DynamicCache holding ``cache``'s per-layer keys and values repeated ``repeats`` times along the
+    batch (block j = all the prompts again), not detached."""
+    from transformers.cache_utils import DynamicCache
+
+    return DynamicCache([(layer.keys.repeat(repeats, 1, 1, 1), layer.values.repeat(repeats, 1, 1, 1))
+                         for layer in cache.layers])
+
+
+def prefix_batch(batch: dict, responses: int, pad_token_id: int = 0) -> PrefixBatch:
+    """A collated preference batch -> PrefixBatch of the first ``responses`` responses (2 or 3) of every pair; the
+    same prompt / response split as ``pack_preference`` (``_split_pair``). Padding: ``pad_token_id``, position 1,
+    mask 0."""
+    if responses > len(batch["responses"]):
+        raise ValueError(f"asked for {responses} responses, the batch holds {batch['responses']}")
+    b = batch["has_gt"].shape[0]
+    pairs = [_split_pair(batch, i, responses) for i in range(b)]
+    device = batch["input_ids"].device
+    prompt_len = max(len(p["prompt"][0]) for p in pairs)
+    response_len = max(len(r[0]) for p in pairs for r in p["responses"])
+
+    def padded(rows: int, length: int):
+        return (torch.full((rows, length), pad_token_id, dtype=torch.long, device=device),
+                torch.ones((3, rows, length), dtype=torch.long, device=device),
+                torch.zeros((rows, length), dtype=torch.long, device=device))
+
+    prompt_ids, prompt_positions, prompt_mask = padded(b, prompt_len)
+    response_ids, response_positions, response_mask = padded(responses * b, response_len)
+    first, rest = ([], [], []), ([], [], [])  # (index, targets, segment) of each pass
+    for i, pair in enumerate(pairs):
+        ids, positions = pair["prompt"]
+        n = len(ids)
+        prompt_ids[i, :n], prompt_positions[:, i, :n], prompt_mask[i, :n] = ids, positions, 1
+    for j in range(responses):  # response-major, so both passes' entries come in segment order
+        for i, pair in enumerate(pairs):
+            row, (ids, positions, labels) = j * b + i, pair["responses"][j]
+            n = len(ids)
+            response_ids[row, :n], response_positions[:, row, :n], response_mask[row, :n] = ids, positions, 1
+            scored = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+            head, tail = scored[scored == 0], scored[scored > 0]
+            last_prompt = i * prompt_len + len(pair["prompt"][0]) - 1
+            for (index, targets, segment), cols, flat in ((first, head, last_prompt + 0 * head),
+                                                         (rest, tail, row * response_len + tail - 1)):
+                index.append(flat)
+                targets.append(labels[cols])
+                segment.append(torch.full_like(cols, row))
+    (prompt_index, prompt_targets, prompt_segment), (response_index, response_targets, response_segment) = (
+        tuple(torch.cat(t) for t in part) for part in (first, rest))
+    return PrefixBatch(prompt_ids=prompt_ids, prompt_positions=prompt_positions, prompt_mask=prompt_mask,
+                       response_ids=response_ids, response_positions=response_positions, response_mask=response_mask,
+                       prompt_index=prompt_index, prompt_targets=prompt_targets, prompt_segment=prompt_segment,
+                       response_index=response_index, response_targets=response_targets,
+                       response_segment=response_segment, pairs=b, responses=responses)
