@@ -21,8 +21,9 @@ beta 0.1 and lambda 0.1 on the SAME LLM (same config, same weights) and the same
   paths (TRL's own default is on; the benchmark's is off, on for the 7b). TRL 1.16 takes log-probs through its
   own fused, chunked LM head (no full logits tensor): on CPU over every position, on CUDA (Triton) over the
   completion positions only.
-- fast: DPOModule with ``packed=True``: per pair one prefix-shared segment [prompt | chosen | rejected | gt],
-  the LM head on response tokens only. Measured twice: ``fast`` with the reference pass every step (the fair
+- fast: DPOModule with ``packed=True`` and its default ``prefix_sharing="cache"``: the prompts once, their KV
+  cache shared by the chosen, rejected and gt responses (src.models.packing.PrefixBatch), the LM head on response
+  tokens only. Measured twice: ``fast`` with the reference pass every step (the fair
   comparison with plain and TRL) and ``fast_rollout_ref`` with reference log-probs supplied by the rows, as the
   MrDPO rollout provides them (no reference pass at all).
 
@@ -434,8 +435,16 @@ def run_ours(path: str, settings: Settings, workdir: Path, cap_memory: bool = Fa
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = adamw(params, LR, OptimSettings())
     info: dict[str, Any] = {"trainable_params": sum(p.numel() for p in params)}
-    if packed and hasattr(module, "pack"):
+    if packed and getattr(module, "prefix_sharing", "mask") == "cache":
+        from src.models.packing import prefix_batch
+
+        prefix = prefix_batch(batch, module.response_blocks(batch), module.processor.pad_token_id)
+        info["prefix_sharing"] = "cache"
+        info["prompt_rows"], info["prompt_length"] = map(int, prefix.prompt_ids.shape)
+        info["response_rows"], info["response_length"] = map(int, prefix.response_ids.shape)
+    elif packed:
         rows = module.pack(batch, module.response_blocks(batch)).input_ids
+        info["prefix_sharing"] = "mask"
         info["packed_rows"], info["packed_length"] = int(rows.shape[0]), int(rows.shape[1])
 
     def step() -> float:
