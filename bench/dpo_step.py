@@ -84,6 +84,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from bench.model_forward import busy_cpu_seconds  # noqa: E402  (one /proc/stat reader for the benches)
+
 PATHS = ("plain", "trl", "fast", "fast_rollout_ref")
 BETA, GT_WEIGHT, MAX_GRAD_NORM, LR = 0.1, 0.1, 1.0, 5e-6
 LORA_R, LORA_ALPHA, LORA_TARGETS = 128, 256, ("q_proj", "k_proj", "v_proj")
@@ -357,16 +359,6 @@ def cap_address_space(limit_gb: float | None) -> float | None:
     cap = int((mapped / 1024 + limit_gb) * 2**30)
     resource.setrlimit(resource.RLIMIT_AS, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard))
     return round(limit_gb, 1)
-
-
-def busy_cpu_seconds() -> float | None:
-    """CPU seconds the whole machine has been busy (all processes, /proc/stat); None off Linux."""
-    try:
-        with open("/proc/stat") as f:
-            user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in f.readline().split()[1:9])
-    except (OSError, ValueError):
-        return None
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def is_oom(error: BaseException) -> bool:

@@ -13,8 +13,9 @@ import torch
 from src.lit.dpo import DPOModule, media_inputs, model_call, response_rows
 from src.losses.logprobs import IGNORE_INDEX, token_logps
 from src.models.build import build_tiny
-from src.models.lora import ADAPTER, LoraSettings, lora_layers
+from src.models.lora import LoraSettings
 from src.models.packing import PADDING, PROMPT, pack_preference, pack_rows, prefix_batch
+from tests.test_dpo_module import perturb
 
 ATOL = 1e-5
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0}
@@ -172,14 +173,7 @@ def module_for(base, trainable=("lora", "aligner", "merger"), **kwargs) -> DPOMo
     differs from the reference and every trainable parameter gets a gradient."""
     module = DPOModule(base=str(base), trainable=list(trainable), lora=LoraSettings(**LORA), **kwargs)
     module.configure_model()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for _, layer in lora_layers(module.model):
-            w = layer.lora_B[ADAPTER].weight
-            w.copy_(torch.randn(w.shape, generator=g) * 0.3)
-        for name, p in module.model.named_parameters():
-            if p.requires_grad and ".lora_" not in name:
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    perturb(module)
     module.model.eval()
     return module
 
