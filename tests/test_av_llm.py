@@ -17,15 +17,8 @@ CAPTION = "The red square appears. A high tone plays."
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny-base")
-    build_tiny(out, tokenizer_texts=300)
-    return out
-
-
-@pytest.fixture(scope="module")
-def loaded(base):
-    model, processor = load_base(base)
+def loaded(tiny_base):
+    model, processor = load_base(tiny_base)
     return model.eval(), processor
 
 

@@ -15,16 +15,11 @@ import torch
 from src.data.manifest import read_manifest
 from src.lit.dpo import DPOModule
 from src.losses.logprobs import IGNORE_INDEX, response_ce, sequence_logps
-from src.models.build import build_tiny, load_base
+from src.models.build import load_base
 from src.models.lora import ADAPTER, LoraSettings, lora_layers, lora_parameters
 
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0}
 REJECTED = "A green circle moves left. A burst of noise plays."
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
-    return build_tiny(tmp_path_factory.mktemp("tiny-base"), tokenizer_texts=300)
 
 
 def write_pairs(synthav: Path, out: Path, *, n: int = 4, ref: dict[str, tuple[float, float]] | None = None,

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from src import fit
-from src.models.build import build_tiny, load_base
+from src.models.build import load_base
 from tests.test_dpo_module import write_pairs
 from tests.test_fit import fit_subprocess
 
@@ -20,11 +20,6 @@ ROOT = Path(__file__).resolve().parents[1]
 DPO_RECIPE = ROOT / "recipes" / "dpo.yaml"
 METRICS = ("train/loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
            "logps/chosen", "logps/rejected", "loss/dpo", "loss/gt_ce", "mrdpo/round", "train/lr")
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
-    return build_tiny(tmp_path_factory.mktemp("tiny-base"), tokenizer_texts=300)
 
 
 class RoundAtStep(pl.Callback):

@@ -15,16 +15,11 @@ from src import fit
 from src.lit.dpo import DPOModule
 from src.lit.sft import SFTModule, warmup_cosine
 from src.models.lora import LoraSettings
-from src.models.build import build_tiny, load_base
+from src.models.build import load_base
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted(ROOT.glob("recipes/**/*.yaml"))
 SFT_RECIPE = ROOT / "recipes" / "sft.yaml"
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
-    return build_tiny(tmp_path_factory.mktemp("tiny-base"), tokenizer_texts=300)
 
 
 def tiny_overrides(base, synthav, **trainer) -> list[str]:

@@ -18,16 +18,11 @@ import pytest
 import torch
 
 from src.data.media import AVClip
-from src.models.build import build_tiny, load_base
+from src.models.build import load_base
 from src.models.lora import (ADAPTER, LoraSettings, adapters_disabled, attach_lora, clear_optimizer_state_,
                              fold_lora_, lora_layers, lora_parameters, merged_state_dict, lora_scalings, reset_lora_)
 
 LOGIT_ATOL = 2e-5
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
-    return build_tiny(tmp_path_factory.mktemp("tiny-base"), tokenizer_texts=300)
 
 
 def synthetic_clip(seed: int = 0) -> AVClip:

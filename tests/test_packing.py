@@ -12,7 +12,6 @@ import torch
 
 from src.lit.dpo import DPOModule, media_inputs, model_call, response_rows
 from src.losses.logprobs import IGNORE_INDEX, token_logps
-from src.models.build import build_tiny
 from src.models.lora import LoraSettings
 from src.models.packing import PADDING, PROMPT, pack_preference, pack_rows, prefix_batch
 from tests.test_dpo_module import perturb
@@ -124,11 +123,6 @@ def test_flex_mask_mod_is_the_dense_mask():
 
 
 # -- the tiny model ---------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
-    return build_tiny(tmp_path_factory.mktemp("tiny-base"), tokenizer_texts=300)
-
 
 @pytest.fixture(scope="module")
 def clips(tiny_base, synthav):

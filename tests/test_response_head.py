@@ -16,7 +16,7 @@ from src.lit.sft import SFTModule, model_inputs
 from src.losses.logprobs import (IGNORE_INDEX, head_token_logps, linear_token_logps,
                                  module_token_logps, response_positions, scatter_response_logps, sequence_logps,
                                  token_logps)
-from src.models.build import build_tiny, load_base
+from src.models.build import load_base
 from src.models.lora import LoraSettings
 from src.rollout.rollout import teacher_forced_logps
 from tests import media_fixtures as fx
@@ -200,15 +200,8 @@ def test_a_lora_head_goes_through_the_checkpointed_module_path():
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny-base")
-    build_tiny(out, tokenizer_texts=300)
-    return out
-
-
-@pytest.fixture(scope="module")
-def loaded(base):
-    model, processor = load_base(base)
+def loaded(tiny_base):
+    model, processor = load_base(tiny_base)
     return model.eval(), processor
 
 
@@ -293,8 +286,8 @@ def test_model_training_step_never_builds_full_logits(loaded, clip_path):
     assert max(dense.rows) >= batch["input_ids"].numel()
 
 
-def test_model_in_bf16_matches_its_dense_path(base, clip_path):
-    model, processor = load_base(base)
+def test_model_in_bf16_matches_its_dense_path(tiny_base, clip_path):
+    model, processor = load_base(tiny_base)
     model = model.eval().to(torch.bfloat16)
     batch = mixed_batch(processor, clip_path)
     ours = model(**batch, return_logits=False, logp_chunk_size=7)
@@ -305,8 +298,8 @@ def test_model_in_bf16_matches_its_dense_path(base, clip_path):
     torch.testing.assert_close(ours.loss.detach(), dense, atol=2e-2, rtol=1e-2)
 
 
-def test_sft_module_uses_the_no_logits_path(base, clip_path):
-    module = SFTModule(base=str(base), stage="sft", lora=LoraSettings(r=4, alpha=8))
+def test_sft_module_uses_the_no_logits_path(tiny_base, clip_path):
+    module = SFTModule(base=str(tiny_base), stage="sft", lora=LoraSettings(r=4, alpha=8))
     module.configure_model()
     module.model.eval()
     batch = mixed_batch(module.processor, clip_path)
