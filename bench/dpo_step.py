@@ -55,7 +55,10 @@ Measurement: each path runs in its own subprocess, so memory peaks are isolated 
 median step time. peak_mem_mb: on CPU the peak resident set during the steps minus the resident set just before
 them (model, batch and optimizer built; the kernel's high-water mark reset through /proc/self/clear_refs), on
 CUDA torch.cuda.max_memory_allocated minus the allocated memory before the steps; peak_rss_mb is the absolute
-peak. On CPU each child's address space is capped (--mem-limit-gb, default: the memory available at its start
+peak. On CPU (--memory live, the default) peak_mem_mb comes from a second, untimed run of each path (1 warm-up
++ 1 step) under glibc malloc with a fixed mmap threshold, so that the resident set follows the live tensors
+rather than the freed memory glibc keeps (FIXED_MMAP_THRESHOLD); the timed run's resident-set peak under glibc's
+own tuning is reported as peak_rss_glibc_mb, with its ratios. On CPU each child's address space is capped (--mem-limit-gb, default: the memory available at its start
 minus 1 GiB) so that an oversized path fails with an allocation error instead of waking the kernel's OOM killer on a
 shared machine. other_load_cores: CPU cores that other processes kept busy while the path ran (0 on a quiet
 machine; timings on a loaded machine are not comparable).
@@ -75,7 +78,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +123,7 @@ class Settings:
     vocab: int | None = None
     threads: int | None = None
     mem_limit_gb: float | None = None
+    memory: str = "live"
     seed: int = 0
 
     @property
@@ -595,7 +599,31 @@ def python_for(path: str) -> tuple[str | None, str | None]:
         return None, "trl is not installed here and .venv-bench is missing: run `make bench-venv`"
 
 
+# glibc raises its mmap threshold to the size of each large block it frees (up to 32 MiB), after which tensors
+# of that size come from the heap, whose freed blocks stay resident and fragment: at 4k the resident set then holds
+# ~1 GB of freed memory and grows over the first steps (bench/RESULTS.md). A fixed threshold (glibc's default
+# value, made static) keeps every tensor over 128 KiB in its own mapping, unmapped when freed, so the resident set
+# follows the live tensors, as torch.cuda.max_memory_allocated does on CUDA. It also costs a page fault per fresh
+# page (TRL's step is 30-40% slower with it), so it is used in an untimed run of its own, the same for every path.
+FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
 def spawn(path: str, settings: Settings, workdir: Path, timeout: float | None) -> dict[str, Any]:
+    """The timed run of ``path``; on CPU with ``memory="live"`` a second run (1 warm-up + 1 step, fixed mmap
+    threshold) gives peak_mem_mb, and the timed run's resident-set peak is kept as peak_rss_glibc_mb."""
+    result = run_child(path, settings, workdir, timeout, memory_run=False)
+    if settings.device != "cpu" or settings.memory != "live" or "pairs_per_s" not in result:
+        return result
+    live = run_child(path, replace(settings, warmup=1, steps=1), workdir, timeout, memory_run=True)
+    result["peak_rss_glibc_mb"] = result.pop("peak_mem_mb")
+    result["peak_mem_mb"] = live.get("peak_mem_mb")
+    result["memory_run"] = {k: live[k] for k in ("peak_mem_mb", "peak_rss_mb", "baseline_rss_mb", "oom", "error")
+                            if k in live}
+    return result
+
+
+def run_child(path: str, settings: Settings, workdir: Path, timeout: float | None, memory_run: bool
+              ) -> dict[str, Any]:
     python, why = python_for(path)
     if python is None:
         return {"skipped": why}
@@ -605,7 +633,8 @@ def spawn(path: str, settings: Settings, workdir: Path, timeout: float | None) -
     command = [python, str(Path(__file__).resolve()), "--child", path, "--workdir", str(workdir),
                "--child-settings", str(settings_file), "--child-result", str(result_file)]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "DISABLE_MLFLOW_INTEGRATION": "1"}
+           "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "DISABLE_MLFLOW_INTEGRATION": "1",
+           **(FIXED_MMAP_THRESHOLD if memory_run else {})}
     busy, own, wall = busy_cpu_seconds(), resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     try:
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
@@ -638,8 +667,9 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float | No
     for fast in ("fast", "fast_rollout_ref"):
         for other in ("plain", "trl"):
             if fast in results and other in results:
-                out[f"{fast}/{other}"] = {"pairs_per_s": ratio(results[fast], results[other], "pairs_per_s"),
-                                          "peak_mem_mb": ratio(results[fast], results[other], "peak_mem_mb")}
+                out[f"{fast}/{other}"] = {key: ratio(results[fast], results[other], key)
+                                          for key in ("pairs_per_s", "peak_mem_mb", "peak_rss_glibc_mb")
+                                          if key in results[fast] or key != "peak_rss_glibc_mb"}
     return out
 
 
@@ -680,7 +710,8 @@ def table(report: dict[str, Any]) -> str:
              f"{s['device']} {s['dtype']}, {s['steps']} timed steps after {s['warmup']} warm-up",
              f"machine: {report['machine']['cpu']}, {report['machine']['cores']} cores, torch "
              f"{report['machine']['torch']}", "",
-             f"{'path':<18}{'pairs/s':>10}{'step s':>10}{'peak MB':>11}{'loss@1':>10}{'other load':>12}"]
+             f"{'path':<18}{'pairs/s':>10}{'step s':>10}{'peak MB':>11}{'glibc MB':>10}{'loss@1':>10}"
+             f"{'other load':>12}"]
     for path in PATHS:
         r = report.get(path)
         if r is None:
@@ -689,14 +720,18 @@ def table(report: dict[str, Any]) -> str:
             why = r.get("skipped") or ("out of memory" if r.get("oom") else "") or r.get("error", "")
             lines.append(f"{path:<18}{why}")
             continue
-        lines.append(f"{path:<18}{r['pairs_per_s']:>10.4g}{r['step_s_median']:>10.3f}{r['peak_mem_mb']:>11,.0f}"
+        glibc = r.get("peak_rss_glibc_mb")
+        lines.append(f"{path:<18}{r['pairs_per_s']:>10.4g}{r['step_s_median']:>10.3f}"
+                     f"{r['peak_mem_mb'] if r['peak_mem_mb'] is not None else float('nan'):>11,.0f}"
+                     f"{glibc if glibc is not None else float('nan'):>10,.0f}"
                      f"{r['loss_first_step'] if r['loss_first_step'] is not None else float('nan'):>10.4f}"
                      f"{r.get('other_load_cores') if r.get('other_load_cores') is not None else float('nan'):>12.2f}")
     lines.append("")
     for name, r in report["ratios"].items():
         speed = "n/a" if r["pairs_per_s"] is None else f"{r['pairs_per_s']:.2f}x"
         mem = "n/a" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.2f}x"
-        lines.append(f"{name:<24} pairs/s {speed:>8}   peak memory {mem:>8}")
+        glibc = "" if r.get("peak_rss_glibc_mb") is None else f"   (glibc-tuned resident set {r['peak_rss_glibc_mb']:.2f}x)"
+        lines.append(f"{name:<24} pairs/s {speed:>8}   peak memory {mem:>8}{glibc}")
     return "\n".join(lines)
 
 
@@ -718,6 +753,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch threads per path (default: torch's own)")
     parser.add_argument("--mem-limit-gb", type=float, default=None,
                         help="CPU: address-space headroom per path (default: available memory - 1 GiB)")
+    parser.add_argument("--memory", choices=["live", "rss"], default="live",
+                        help="CPU peak_mem_mb: live (a second, untimed run per path with a fixed mmap threshold, "
+                             "so the resident set follows the live tensors) or rss (the timed run's resident set)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per path")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")

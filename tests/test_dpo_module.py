@@ -224,10 +224,11 @@ def test_gt_weight_needs_gt_and_zero_skips_the_gt_rows(tiny_base, synthav, tmp_p
     # reference + policy over chosen and rejected only: 2 x 4 stacked sequences, or 4 packed rows (one per pair)
     labelled = (batch["labels"] != IGNORE_INDEX).sum(1).view(3, 4)
     prompt = batch["attention_mask"][:4].sum(1) - labelled[0]
-    # as long as the longest [prompt | chosen | rejected], or in the cache form 4 prompts then 8 responses
+    # as long as the longest [prompt | chosen | rejected], or in the cache form 4 prompts then 4 rows of
+    # [chosen | rejected], each in a slot as long as the longest response
     rows = {"plain": [(8, int(batch["attention_mask"][:8].sum(1).max()))],
             "mask": [(4, int((prompt + labelled[0] + labelled[1]).max()))],
-            "cache": [(4, int(prompt.max())), (8, int(labelled[:2].max()))]}[mode]
+            "cache": [(4, int(prompt.max())), (4, 2 * int(labelled[:2].max()))]}[mode]
     assert [tuple(s) for s in shapes] == rows * 2
     loss, stats = plain.loss_and_stats(out)
     assert "loss/gt_ce" not in stats and loss.item() == pytest.approx(stats["loss/dpo"].item())

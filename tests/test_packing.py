@@ -122,6 +122,17 @@ def test_flex_mask_mod_is_the_dense_mask():
     assert torch.equal(create_mask(packed.mask_mod(), r, None, length, length, device="cpu"), packed.dense_mask())
 
 
+@pytest.mark.parametrize("responses", [1, 2])
+def test_flex_mask_mod_is_the_dense_mask_in_the_cache_form(responses):
+    from torch.nn.attention.flex_attention import create_mask
+
+    prefix = prefix_batch(hand_batch(HAND), responses=2, pad_token_id=0)
+    queries = responses * prefix.slot
+    keys = prefix.prompt_ids.shape[1] + queries
+    flex = create_mask(prefix.mask_mod(responses), prefix.pairs, None, queries, keys, device="cpu")
+    assert torch.equal(flex, prefix.visible(responses))
+
+
 # -- the tiny model ---------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -288,6 +299,23 @@ def test_flex_attention_equals_sdpa_on_cpu(tiny_base, clips):
     assert diff <= ATOL
 
 
+@pytest.mark.slow
+def test_flex_attention_cache_form_equals_sdpa_on_cpu(tiny_base, clips):
+    """DPOModule's default cache form under llm_attention='flex_attention' (the response pass's BlockMask on the
+    prompt cache) gives the sdpa values. Compiled afresh: after another test's shapes, inductor recompiles the CPU
+    flex kernel with dynamic shapes, and that C++ fails to build in torch 2.11 ('cur_qSplitSize8' not declared)."""
+    torch._dynamo.reset()
+    batch = preference_batch(module_for(tiny_base).processor, clips, "mixed")
+    values = {}
+    for kernel in ("sdpa", "flex_attention"):
+        torch.manual_seed(0)
+        module = module_for(tiny_base, llm_attention=kernel)
+        with torch.no_grad():
+            values[kernel] = module.preference_forward(batch)
+    for key, value in values["sdpa"].items():
+        assert torch.allclose(values["flex_attention"][key], value, rtol=1e-6, atol=ATOL), key
+
+
 @pytest.mark.parametrize("prefix_sharing", ["mask", "cache"])
 def test_llm_attention_setting_switches_the_decoder_kernel_only(tiny_base, clips, prefix_sharing):
     """llm_attention='eager' takes the packed rows' additive mask (or the cache form's 2-D masks) and gives the
@@ -311,23 +339,48 @@ def test_llm_attention_setting_switches_the_decoder_kernel_only(tiny_base, clips
 
 def test_prefix_batch_hand_made_inputs_and_targets():
     """Pair 0: prompt 3, chosen 2, rejected 1; pair 1: prompt 2, chosen 1, rejected 2. Token 0 of every response
-    comes from the prompt pass (last real prompt token: flat 2, and 3 + 1 = 4); the rest from the response pass."""
+    comes from the prompt pass (last real prompt token: flat 2, and 3 + 1 = 4); the rest from the response pass,
+    whose one row per pair holds chosen in columns 0-1 and rejected in 2-3 (slots of the longest response, 2)."""
     prefix = prefix_batch(hand_batch(HAND), responses=2, pad_token_id=0)
     assert prefix.prompt_ids.tolist() == [[10, 11, 12], [13, 14, 0]]
     assert prefix.prompt_mask.tolist() == [[1, 1, 1], [1, 1, 0]]
     assert prefix.prompt_positions[1].tolist() == [[100, 101, 102], [100, 101, 1]]
-    assert prefix.response_ids.tolist() == [[20, 21], [22, 0], [30, 0], [31, 32]]  # chosen x b | rejected x b
-    assert prefix.response_mask.tolist() == [[1, 1], [1, 0], [1, 0], [1, 1]]
-    assert prefix.response_positions[2].tolist() == [[203, 204], [202, 1], [203, 1], [202, 203]]
+    assert prefix.slot == 2
+    assert prefix.response_ids.tolist() == [[20, 21, 30, 0], [22, 0, 31, 32]]  # [chosen | rejected] per pair
+    assert prefix.response_mask.tolist() == [[1, 1, 1, 0], [1, 0, 1, 1]]
+    assert prefix.response_positions[2].tolist() == [[203, 204, 203, 1], [202, 1, 202, 203]]
     assert prefix.prompt_index.tolist() == [2, 4, 2, 4] and prefix.prompt_targets.tolist() == [20, 22, 30, 31]
     assert prefix.prompt_segment.tolist() == [0, 1, 2, 3]
-    assert prefix.response_index.tolist() == [0, 6] and prefix.response_targets.tolist() == [21, 32]
-    assert prefix.response_segment.tolist() == [0, 3]
+    assert prefix.response_pair.tolist() == [0, 1] and prefix.response_col.tolist() == [0, 2]
+    assert prefix.response_targets.tolist() == [21, 32] and prefix.response_segment.tolist() == [0, 3]
+    expected = torch.stack([
+        bits(["111" "1000", "111" "1100", "111" "0010", "111" "0010"]),  # prompt | chosen | rejected (pad unseen)
+        bits(["110" "1000", "110" "1000", "110" "0010", "110" "0011"]),  # the padded prompt slot is never seen
+    ]).unsqueeze(1)
+    assert torch.equal(prefix.visible(), expected)
+    assert torch.equal(prefix.visible(responses=1), expected[..., :5][:, :, :2])
+    additive = prefix.response_mask_4d("sdpa", torch.float32)
+    assert torch.equal(additive == 0, expected) and additive is prefix.response_mask_4d("sdpa", torch.float32)
+    with pytest.raises(ValueError, match="4-D mask"):
+        prefix.response_mask_4d("flash_attention_2")
     sums = prefix.response_sums(torch.tensor([1.0, 2.0, 4.0, 8.0]), torch.tensor([16.0, 32.0]))
     assert sums.tolist() == [[17.0, 2.0], [4.0, 40.0]]
     assert prefix.response_counts().tolist() == [[2, 1], [1, 2]]
     inputs = prefix.prompt_inputs(responses=1)
     assert inputs["logp_index"].tolist() == [2, 4] and inputs["logp_targets"].tolist() == [20, 22]
+
+
+def test_prefix_batch_response_inputs_index_the_rows_they_pass():
+    """The response pass's flat indices follow its row length: 2 * slot columns for chosen + rejected, slot for
+    chosen alone; the prompt pass's cache is handed on as it is (no copy of the prompt's keys)."""
+    prefix = prefix_batch(hand_batch(HAND), responses=2, pad_token_id=0)
+    cache = object()
+    inputs = prefix.response_inputs(cache)
+    assert inputs["logp_index"].tolist() == [0, 6] and inputs["input_ids"].shape == (2, 4)
+    assert inputs["cache"] is cache and inputs["use_cache"]
+    one = prefix.response_inputs(cache, responses=1)
+    assert one["input_ids"].tolist() == [[20, 21], [22, 0]] and one["logp_index"].tolist() == [0]
+    assert one["attention_mask"].shape == (2, 1, 2, 5)
 
 
 def cache_step(module: DPOModule, batch: dict, mode: str):

@@ -25,9 +25,10 @@ One step, for a batch of b pairs (src.models.processor.AVProcessor.collate_prefe
   float mask shared by every layer; flex_attention a BlockMask: the CUDA choice with ``pack_tokens``).
   ``prefix_sharing="cache"`` (the default) shares the prefix through the KV cache instead, with no L x L mask:
   a prompt pass over the b prompts (use_cache; it also scores token 0 of every response from the last prompt
-  token), then a response pass over the k * b responses on the prompt cache repeated k times (kept in the graph,
-  so gradients reach the prompt pass), with [prompt mask | response mask] and each response's own positions
-  (src.models.packing.PrefixBatch). SDPA then runs causal prompts and short response queries only. The reference
+  token), then a response pass with one row per pair, [chosen | rejected | gt], on the prompt cache as it is
+  (kept in the graph, so gradients reach the prompt pass), with a (3R x (P + 3R)) mask in which each response sees
+  the prompt and its own past, and each response's own positions (src.models.packing.PrefixBatch). SDPA then runs
+  causal prompts and short response queries only, and no copy of the prompt's keys is made per response. The reference
   runs both passes over chosen and rejected; its prompt pass's embeddings feed the policy's when shared.
   ``packed=False`` is the plain stacked path above, kept as the oracle: all give the same per-pair log-probs, gt
   CE and loss (tests/test_packing.py).
@@ -298,7 +299,9 @@ class DPOModule(pl.LightningModule):
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(k, b) summed log-probs of the first ``responses`` responses, and the prompt pass's input embeddings."""
         prompt = self.model(**prefix.prompt_inputs(responses), **inputs, use_cache=True, return_logits=False)
-        reply = self.model(**prefix.response_inputs(prompt.cache, responses), return_logits=False)
+        implementation = self.model.llm.config._attn_implementation
+        reply = self.model(**prefix.response_inputs(prompt.cache, responses, implementation, self.model.dtype),
+                           return_logits=False)
         return prefix.response_sums(prompt.token_logps, reply.token_logps, responses), prompt.inputs_embeds
 
     def loss_and_stats(self, out: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -26,8 +26,9 @@ BlockMask (``attention_mask(..., "flex_attention")``, CUDA) skips the blocks bet
 packing several pairs per row pays.
 
 ``PrefixBatch`` / ``prefix_batch`` (the default in DPOModule, ``prefix_sharing="cache"``) share the prompt
-through the KV cache instead: the b prompts in one pass with a cache, then the k * b responses on that cache
-repeated k times, with 2-D masks only; the same split (``_split_pair``), positions and targets.
+through the KV cache instead: the b prompts in one causal pass with a cache, then one row per pair
+[chosen | rejected | gt] on that cache, with a (k R x (P + k R)) mask (no prompt x prompt block); the same split
+(``_split_pair``), positions and targets.
 """
 
 from __future__ import annotations
@@ -237,22 +238,26 @@ def pack_preference(batch: dict, responses: int, pack_tokens: int | None = None,
 
 @dataclass
 class PrefixBatch:
-    """b pairs with k responses each, for prefix sharing through the KV cache (no L x L mask anywhere):
+    """b pairs with k responses each, for prefix sharing through the KV cache (no prompt x prompt mask):
 
     1. prompt pass: the b prompts, right-padded: prompt_ids (b, P), prompt_positions (3, b, P), prompt_mask (b, P)
        (1 = real), media once; it returns the cache and the log-prob of token 0 of every response, predicted by
        the last real prompt token of its pair (prompt_index: that flat index into the b * P hidden states, once per
        response; prompt_targets, prompt_segment);
-    2. response pass: the k * b responses in response-major order (row j * b + i = response j of pair i),
-       right-padded: response_ids (k*b, R), response_positions (3, k*b, R) (each response's own 3-D ids from its
-       unpacked sequence, i.e. restarting after the prompt), response_mask (k*b, R); on the prompt cache repeated
-       k times along the batch, with the 2-D mask [prompt mask | response mask] (padded prompt slots never seen;
-       the cache offset makes every response token see the whole prompt and its own past). Token t > 0 of a
-       response is predicted by its token t - 1 (response_index into the k * b * R hidden states, ...).
+    2. response pass: ONE row per pair on that cache as it is (never repeated): [response 0 | response 1 | ...],
+       response j in the slot of columns j * R .. (j + 1) * R, right-padded inside its slot: response_ids
+       (b, k * R), response_positions (3, b, k * R) (each response's own 3-D ids from its unpacked sequence, i.e.
+       restarting after the prompt), response_mask (b, k * R) (1 = real). The attention mask (``response_mask_4d``,
+       (b, 1, k * R, P + k * R)) lets a response token see its pair's real prompt tokens and its own response's
+       past, nothing of the other responses. Token t > 0 of response j is predicted by its token t - 1
+       (response_pair, response_col: row and column of that hidden state; response_targets, response_segment).
+
+    Why one row per pair: with a mask, the SDPA path of transformers expands the keys and values to every query
+    head (repeat_kv) and keeps them for backward, once per row; k rows per pair would hold k copies of the prompt's.
 
     Segments are response * b + pair, as in PackedPairs. ``responses`` (<= k) everywhere selects the first
-    responses only (the reference pass: chosen and rejected): the rows j < responses, the entries with
-    segment < responses * b; the flat indices stay valid since the row length does not change.
+    responses only (the reference pass: chosen and rejected): the first responses * R columns, the entries with
+    segment < responses * b. The slots are prefix-closed: no response sees a later slot.
     """
 
     prompt_ids: torch.Tensor
@@ -264,11 +269,14 @@ class PrefixBatch:
     prompt_index: torch.Tensor
     prompt_targets: torch.Tensor
     prompt_segment: torch.Tensor
-    response_index: torch.Tensor
+    response_pair: torch.Tensor
+    response_col: torch.Tensor
     response_targets: torch.Tensor
     response_segment: torch.Tensor
     pairs: int
     responses: int
+    slot: int
+    _masks: dict = field(default_factory=dict, repr=False, compare=False)
 
     def _k(self, responses: int | None) -> int:
         k = self.responses if responses is None else responses
@@ -283,17 +291,65 @@ class PrefixBatch:
                 "attention_mask": self.prompt_mask, "logp_index": self.prompt_index[keep],
                 "logp_targets": self.prompt_targets[keep]}
 
-    def response_inputs(self, prompt_cache, responses: int | None = None) -> dict:
-        """AVLLM arguments of the response pass over the prompt pass's cache (``AVOutput.cache``), whose per-layer
-        keys / values are repeated k times along the batch in a fresh DynamicCache: they stay in the autograd
-        graph, so the responses' gradients reach the prompt pass."""
+    def visible(self, responses: int | None = None) -> torch.Tensor:
+        """(b, 1, k * R, P + k * R) bool, True = attend: the real prompt tokens of the query's pair, and the real
+        tokens of its own response up to itself. Every query sees at least its prompt (no empty softmax row)."""
+        cols = self._k(responses) * self.slot
+        t = torch.arange(cols, device=self.response_ids.device)
+        own_past = (t[:, None] // self.slot == t[None, :] // self.slot) & (t[None, :] <= t[:, None])  # (kR, kR)
+        responses_seen = own_past[None] & self.response_mask[:, None, :cols].bool()
+        prompt_seen = self.prompt_mask[:, None, :].bool().expand(-1, cols, -1)
+        return torch.cat([prompt_seen, responses_seen], dim=2).unsqueeze(1)
+
+    def mask_mod(self, responses: int | None = None):
+        """``visible`` as a FlexAttention mask_mod over (pair, head, query, key)."""
+        prompt_mask, response_mask, slot = self.prompt_mask.bool(), self.response_mask.bool(), self.slot
+        prompt_len = prompt_mask.shape[1]
+
+        def mask_mod(b, h, q, kv):
+            in_prompt = kv < prompt_len
+            r = (kv - prompt_len).clamp(min=0)
+            own = (r // slot == q // slot) & (r <= q) & response_mask[b, r]
+            return torch.where(in_prompt, prompt_mask[b, kv.clamp(max=prompt_len - 1)], own)
+
+        return mask_mod
+
+    def response_mask_4d(self, implementation: str, dtype: torch.dtype = torch.float32,
+                         responses: int | None = None):
+        """The response pass's mask in the form ``implementation`` takes: sdpa and eager -> additive float
+        (0 / dtype min) in the model's dtype, flex_attention -> BlockMask. Built once per (implementation, dtype,
+        responses) and kept: every layer reads the SAME tensor (a bool mask would be turned into a float copy per
+        layer by CPU SDPA, each kept for backward)."""
         k = self._k(responses)
-        rows = k * self.pairs
-        keep = self.response_segment < rows
-        return {"input_ids": self.response_ids[:rows], "position_ids": self.response_positions[:, :rows],
-                "attention_mask": torch.cat([self.prompt_mask.repeat(k, 1), self.response_mask[:rows]], dim=1),
-                "cache": repeated_cache(prompt_cache, k), "use_cache": True,
-                "logp_index": self.response_index[keep], "logp_targets": self.response_targets[keep]}
+        key = (implementation, dtype, k)
+        if key not in self._masks:
+            if implementation == "flex_attention":
+                from torch.nn.attention.flex_attention import create_block_mask
+
+                self._masks[key] = create_block_mask(self.mask_mod(k), B=self.pairs, H=None, Q_LEN=k * self.slot,
+                                                     KV_LEN=self.prompt_ids.shape[1] + k * self.slot,
+                                                     device=self.response_ids.device)
+            elif implementation in ("sdpa", "eager"):
+                seen = self.visible(k)
+                self._masks[key] = torch.zeros(seen.shape, dtype=dtype, device=seen.device).masked_fill(
+                    ~seen, torch.finfo(dtype).min)
+            else:
+                raise ValueError(f"the cache form needs an explicit mask; attention implementation "
+                                 f"{implementation!r} has no 4-D mask path here (use sdpa, eager or flex_attention)")
+        return self._masks[key]
+
+    def response_inputs(self, prompt_cache, responses: int | None = None, implementation: str = "sdpa",
+                        dtype: torch.dtype = torch.float32) -> dict:
+        """AVLLM arguments of the response pass over the prompt pass's cache (``AVOutput.cache``), used as it is:
+        the response pass appends its own keys / values to it (so use a prompt cache for one response pass). The
+        prompt's keys / values stay in the autograd graph, so the responses' gradients reach the prompt pass."""
+        k = self._k(responses)
+        cols = k * self.slot
+        keep = self.response_segment < k * self.pairs
+        return {"input_ids": self.response_ids[:, :cols], "position_ids": self.response_positions[:, :, :cols],
+                "attention_mask": self.response_mask_4d(implementation, dtype, k), "cache": prompt_cache,
+                "use_cache": True, "logp_index": self.response_pair[keep] * cols + self.response_col[keep],
+                "logp_targets": self.response_targets[keep]}
 
     def response_sums(self, prompt_logps: torch.Tensor, response_logps: torch.Tensor,
                       responses: int | None = None) -> torch.Tensor:
@@ -313,15 +369,6 @@ class PrefixBatch:
         return torch.bincount(segment, minlength=self.responses * self.pairs).view(self.responses, self.pairs)
 
 
-def repeated_cache(cache, repeats: int):
-    """A fresh DynamicCache holding ``cache``'s per-layer keys and values repeated ``repeats`` times along the
-    batch (block j = all the prompts again), not detached."""
-    from transformers.cache_utils import DynamicCache
-
-    return DynamicCache([(layer.keys.repeat(repeats, 1, 1, 1), layer.values.repeat(repeats, 1, 1, 1))
-                         for layer in cache.layers])
-
-
 def prefix_batch(batch: dict, responses: int, pad_token_id: int = 0) -> PrefixBatch:
     """A collated preference batch -> PrefixBatch of the first ``responses`` responses (2 or 3) of every pair; the
     same prompt / response split as ``pack_preference`` (``_split_pair``). Padding: ``pad_token_id``, position 1,
@@ -332,37 +379,39 @@ def prefix_batch(batch: dict, responses: int, pad_token_id: int = 0) -> PrefixBa
     pairs = [_split_pair(batch, i, responses) for i in range(b)]
     device = batch["input_ids"].device
     prompt_len = max(len(p["prompt"][0]) for p in pairs)
-    response_len = max(len(r[0]) for p in pairs for r in p["responses"])
+    slot = max(len(r[0]) for p in pairs for r in p["responses"])
 
-    def padded(rows: int, length: int):
-        return (torch.full((rows, length), pad_token_id, dtype=torch.long, device=device),
-                torch.ones((3, rows, length), dtype=torch.long, device=device),
-                torch.zeros((rows, length), dtype=torch.long, device=device))
+    def padded(length: int):
+        return (torch.full((b, length), pad_token_id, dtype=torch.long, device=device),
+                torch.ones((3, b, length), dtype=torch.long, device=device),
+                torch.zeros((b, length), dtype=torch.long, device=device))
 
-    prompt_ids, prompt_positions, prompt_mask = padded(b, prompt_len)
-    response_ids, response_positions, response_mask = padded(responses * b, response_len)
-    first, rest = ([], [], []), ([], [], [])  # (index, targets, segment) of each pass
+    prompt_ids, prompt_positions, prompt_mask = padded(prompt_len)
+    response_ids, response_positions, response_mask = padded(responses * slot)
+    first, rest = ([], [], []), ([], [], [], [])  # prompt pass (index, targets, segment); response pass + col
     for i, pair in enumerate(pairs):
         ids, positions = pair["prompt"]
         n = len(ids)
         prompt_ids[i, :n], prompt_positions[:, i, :n], prompt_mask[i, :n] = ids, positions, 1
     for j in range(responses):  # response-major, so both passes' entries come in segment order
         for i, pair in enumerate(pairs):
-            row, (ids, positions, labels) = j * b + i, pair["responses"][j]
+            (ids, positions, labels), start = pair["responses"][j], j * slot
             n = len(ids)
-            response_ids[row, :n], response_positions[:, row, :n], response_mask[row, :n] = ids, positions, 1
+            columns = slice(start, start + n)
+            response_ids[i, columns], response_positions[:, i, columns], response_mask[i, columns] = ids, positions, 1
             scored = (labels != IGNORE_INDEX).nonzero().squeeze(1)
             head, tail = scored[scored == 0], scored[scored > 0]
-            last_prompt = i * prompt_len + len(pair["prompt"][0]) - 1
-            for (index, targets, segment), cols, flat in ((first, head, last_prompt + 0 * head),
-                                                         (rest, tail, row * response_len + tail - 1)):
-                index.append(flat)
-                targets.append(labels[cols])
-                segment.append(torch.full_like(cols, row))
-    (prompt_index, prompt_targets, prompt_segment), (response_index, response_targets, response_segment) = (
-        tuple(torch.cat(t) for t in part) for part in (first, rest))
+            first[0].append(torch.full_like(head, i * prompt_len + len(pair["prompt"][0]) - 1))
+            rest[0].append(torch.full_like(tail, i))
+            rest[3].append(start + tail - 1)
+            for part, cols in ((first, head), (rest, tail)):
+                part[1].append(labels[cols])
+                part[2].append(torch.full_like(cols, j * b + i))
+    (prompt_index, prompt_targets, prompt_segment), (response_pair, response_targets, response_segment,
+                                                     response_col) = (tuple(torch.cat(t) for t in part)
+                                                                      for part in (first, rest))
     return PrefixBatch(prompt_ids=prompt_ids, prompt_positions=prompt_positions, prompt_mask=prompt_mask,
                        response_ids=response_ids, response_positions=response_positions, response_mask=response_mask,
                        prompt_index=prompt_index, prompt_targets=prompt_targets, prompt_segment=prompt_segment,
-                       response_index=response_index, response_targets=response_targets,
-                       response_segment=response_segment, pairs=b, responses=responses)
+                       response_pair=response_pair, response_col=response_col, response_targets=response_targets,
+                       response_segment=response_segment, pairs=b, responses=responses, slot=slot)
