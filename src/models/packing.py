@@ -107,13 +107,7 @@ class PackedPairs:
         return self._masks[key]
 
     def _build_mask(self, implementation: str, dtype: torch.dtype):
-        if implementation == "flex_attention":
-            return self.block_mask()
-        if implementation in ("sdpa", "eager"):
-            mask = self.dense_mask()
-            return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-        raise ValueError(f"packed pairs need an explicit mask; attention implementation {implementation!r} has no "
-                         "4-D mask path here (use sdpa, eager or flex_attention)")
+        return mask_in_form(implementation, dtype, self.dense_mask, self.block_mask)
 
     def model_inputs(self, implementation: str, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         """input_ids, position_ids and the mask for AVLLM (media_repeats stays 1: each prompt appears once)."""
@@ -141,6 +135,18 @@ class PackedPairs:
         """(k, b) number of scored tokens of each (response, pair)."""
         return torch.bincount(self.logp_segment, minlength=self.responses * self.pairs).view(self.responses,
                                                                                               self.pairs)
+
+
+def mask_in_form(implementation: str, dtype: torch.dtype, dense, block):
+    """A 4-D attention mask in the form ``implementation`` takes: sdpa and eager -> additive float (0 / dtype min)
+    in ``dtype`` from ``dense()`` (bool, True = attend), flex_attention -> ``block()`` (a BlockMask)."""
+    if implementation == "flex_attention":
+        return block()
+    if implementation in ("sdpa", "eager"):
+        seen = dense()
+        return torch.zeros(seen.shape, dtype=dtype, device=seen.device).masked_fill(~seen, torch.finfo(dtype).min)
+    raise ValueError(f"prefix sharing needs an explicit mask; attention implementation {implementation!r} has no "
+                     "4-D mask path here (use sdpa, eager or flex_attention)")
 
 
 def _real(row: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
@@ -323,20 +329,16 @@ class PrefixBatch:
         k = self._k(responses)
         key = (implementation, dtype, k)
         if key not in self._masks:
-            if implementation == "flex_attention":
-                from torch.nn.attention.flex_attention import create_block_mask
-
-                self._masks[key] = create_block_mask(self.mask_mod(k), B=self.pairs, H=None, Q_LEN=k * self.slot,
-                                                     KV_LEN=self.prompt_ids.shape[1] + k * self.slot,
-                                                     device=self.response_ids.device)
-            elif implementation in ("sdpa", "eager"):
-                seen = self.visible(k)
-                self._masks[key] = torch.zeros(seen.shape, dtype=dtype, device=seen.device).masked_fill(
-                    ~seen, torch.finfo(dtype).min)
-            else:
-                raise ValueError(f"the cache form needs an explicit mask; attention implementation "
-                                 f"{implementation!r} has no 4-D mask path here (use sdpa, eager or flex_attention)")
+            self._masks[key] = mask_in_form(implementation, dtype, lambda: self.visible(k), lambda: self.block_mask(k))
         return self._masks[key]
+
+    def block_mask(self, responses: int | None = None):
+        """``visible`` as a FlexAttention BlockMask over (kR queries, P + kR keys)."""
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        k = self._k(responses)
+        return create_block_mask(self.mask_mod(k), B=self.pairs, H=None, Q_LEN=k * self.slot,
+                                 KV_LEN=self.prompt_ids.shape[1] + k * self.slot, device=self.response_ids.device)
 
     def response_inputs(self, prompt_cache, responses: int | None = None, implementation: str = "sdpa",
                         dtype: torch.dtype = torch.float32) -> dict:
