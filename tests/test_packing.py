@@ -242,6 +242,26 @@ def grads(module: DPOModule) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in module.model.named_parameters() if p.grad is not None}
 
 
+def assert_step_equals_plain(plain: tuple, fast: tuple, gt: bool, label: str) -> dict[str, torch.Tensor]:
+    """(out, loss, grads) of the plain step and a prefix-shared one: per-pair values, gt CE, loss and every
+    gradient agree (summed log-probs are ~ -80: compared at fp32 resolution of that size, the rest at ATOL).
+    Returns the plain step's gradients."""
+    (plain_out, plain_loss, plain_grads), (fast_out, fast_loss, fast_grads) = plain, fast
+    diffs = {k: (plain_out[k] - fast_out[k]).abs().max().item() for k in plain_out}
+    diffs["loss"] = (plain_loss - fast_loss).abs().item()
+    assert plain_grads.keys() == fast_grads.keys() and len(plain_grads) > 0
+    diffs["grad"] = max((plain_grads[n] - fast_grads[n]).abs().max().item() for n in plain_grads)
+    scale = max(g.abs().max().item() for g in plain_grads.values())
+    print(f"\n{label}: max grad {scale:.2e}, diffs " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
+    for key in ("policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected"):
+        assert torch.allclose(fast_out[key], plain_out[key], rtol=1e-6, atol=ATOL), key
+    assert diffs["gt_ce"] <= ATOL and diffs["loss"] <= ATOL
+    assert (fast_out["gt_ce"] > 0).all() if gt else not fast_out["gt_ce"].any()
+    for name in plain_grads:
+        assert torch.allclose(fast_grads[name], plain_grads[name], rtol=1e-4, atol=ATOL), name
+    return plain_grads
+
+
 @pytest.mark.parametrize("trainable, gt_weight, pairs_per_row", [
     (("lora",), 0.1, None),  # reference pass hands its embeddings over (same packed rows, gt included)
     (("lora", "aligner", "merger"), 0.1, 2),  # reference packs [prompt | chosen | rejected] on its own
@@ -261,22 +281,9 @@ def test_packed_step_equals_plain_step_values_loss_and_gradients(tiny_base, clip
         loss, stats = module.loss_and_stats(out)
         loss.backward()
         results[packed] = out, loss.detach(), grads(module)
-    (plain, plain_loss, plain_grads), (fast, fast_loss, fast_grads) = results[False], results[True]
-    diffs = {k: (plain[k] - fast[k]).abs().max().item() for k in plain}
-    diffs["loss"] = (plain_loss - fast_loss).abs().item()
-    assert plain_grads.keys() == fast_grads.keys() and len(plain_grads) > 0
+    plain_grads = assert_step_equals_plain(results[False], results[True], gt_weight > 0,
+                                           f"{trainable} gt_weight={gt_weight} {pairs_per_row}")
     assert any("aligner" in n for n in plain_grads) == ("aligner" in trainable)
-    scale = max(g.abs().max().item() for g in plain_grads.values())
-    diffs["grad"] = max((plain_grads[n] - fast_grads[n]).abs().max().item() for n in plain_grads)
-    print(f"\n{trainable} gt_weight={gt_weight} {pairs_per_row}: max grad {scale:.2e}, diffs "
-          + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
-    # summed log-probs are ~ -80: compare them at fp32 resolution of that size, everything per token at ATOL
-    for key in ("policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected"):
-        assert torch.allclose(fast[key], plain[key], rtol=1e-6, atol=ATOL), key
-    assert diffs["gt_ce"] <= ATOL and diffs["loss"] <= ATOL
-    assert (fast["gt_ce"] > 0).all() if gt_weight else not fast["gt_ce"].any()
-    for name in plain_grads:
-        assert torch.allclose(fast_grads[name], plain_grads[name], rtol=1e-4, atol=ATOL), name
 
 
 @pytest.mark.slow
@@ -406,21 +413,10 @@ def test_cache_step_equals_plain_step_values_loss_and_gradients(tiny_base, clips
     module = module_for(tiny_base, trainable, gt_weight=0.1 if gt else 0.0)
     assert module.prefix_sharing == "cache" and module.packed  # the default
     batch = preference_batch(module.processor, clips, modality, gt=gt)
-    plain, plain_loss, plain_grads = cache_step(module, batch, "plain")
-    fast, fast_loss, fast_grads = cache_step(module, batch, "cache")
-    diffs = {k: (plain[k] - fast[k]).abs().max().item() for k in plain}
-    diffs["loss"] = (plain_loss - fast_loss).abs().item()
-    assert plain_grads.keys() == fast_grads.keys() and len(plain_grads) > 0
+    plain_grads = assert_step_equals_plain(cache_step(module, batch, "plain"), cache_step(module, batch, "cache"),
+                                           gt, f"cache {trainable} gt={gt} {modality}")
     if modality != "video":  # no audio, no aligner gradient
         assert any("aligner" in n for n in plain_grads) == ("aligner" in trainable)
-    diffs["grad"] = max((plain_grads[n] - fast_grads[n]).abs().max().item() for n in plain_grads)
-    print(f"\ncache {trainable} gt={gt} {modality}: diffs " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
-    for key in ("policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected"):
-        assert torch.allclose(fast[key], plain[key], rtol=1e-6, atol=ATOL), key
-    assert diffs["gt_ce"] <= ATOL and diffs["loss"] <= ATOL
-    assert (fast["gt_ce"] > 0).all() if gt else not fast["gt_ce"].any()
-    for name in plain_grads:
-        assert torch.allclose(fast_grads[name], plain_grads[name], rtol=1e-4, atol=ATOL), name
 
 
 def test_cache_token_logps_equal_the_stacked_sequences(tiny_base, clips):
