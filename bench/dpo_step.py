@@ -58,8 +58,8 @@ CUDA torch.cuda.max_memory_allocated minus the allocated memory before the steps
 peak. On CPU (--memory live, the default) peak_mem_mb comes from a second, untimed run of each path (1 warm-up
 + 1 step) under glibc malloc with a fixed mmap threshold, so that the resident set follows the live tensors
 rather than the freed memory glibc keeps (FIXED_MMAP_THRESHOLD); the timed run's resident-set peak under glibc's
-own tuning is reported as peak_rss_glibc_mb, with its ratios. On CPU each child's address space is capped (--mem-limit-gb, default: the memory available at its start
-minus 1 GiB) so that an oversized path fails with an allocation error instead of waking the kernel's OOM killer on a
+own tuning is reported as peak_rss_glibc_mb, with its ratios. On CPU each child's address space is capped
+(--mem-limit-gb, default: the memory available at its start minus 1 GiB) so that an oversized path fails with an allocation error instead of waking the kernel's OOM killer on a
 shared machine. other_load_cores: CPU cores that other processes kept busy while the path ran (0 on a quiet
 machine; timings on a loaded machine are not comparable).
 """
@@ -667,9 +667,8 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float | No
     for fast in ("fast", "fast_rollout_ref"):
         for other in ("plain", "trl"):
             if fast in results and other in results:
-                out[f"{fast}/{other}"] = {key: ratio(results[fast], results[other], key)
-                                          for key in ("pairs_per_s", "peak_mem_mb", "peak_rss_glibc_mb")
-                                          if key in results[fast] or key != "peak_rss_glibc_mb"}
+                keys = ["pairs_per_s", "peak_mem_mb"] + [k for k in ("peak_rss_glibc_mb",) if k in results[fast]]
+                out[f"{fast}/{other}"] = {key: ratio(results[fast], results[other], key) for key in keys}
     return out
 
 
