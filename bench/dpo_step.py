@@ -96,10 +96,14 @@ FPS = 2.0  # frames per second of the synthetic clip: one temporal grid (2 frame
 BENCH_VENV_PYTHON = ROOT / ".venv-bench" / "bin" / "python"
 
 # Model sizes, in src.models.build.TINY's keys (+ the LLM's vocabulary rows and config edits build does not expose).
+# tiny-wide keeps the vision tower its recorded figures were taken with (patch 14 x merge 2, width 64), and 7b has
+# Qwen2.5-VL's, whatever TINY's tower is.
+QWEN_PATCHES = {"patch_size": 14, "merge_size": 2}
 MODELS: dict[str, dict[str, Any]] = {
     "tiny": {},
-    "tiny-wide": {"hidden": 512, "layers": 4, "heads": 8, "kv_heads": 2, "intermediate": 1536, "llm_vocab": 8192},
-    "7b": {"hidden": 3584, "layers": 28, "heads": 28, "kv_heads": 4, "intermediate": 18944, "llm_vocab": 152064,
+    "tiny-wide": {"hidden": 512, "layers": 4, "heads": 8, "kv_heads": 2, "intermediate": 1536, "llm_vocab": 8192,
+                  "vision_hidden": 64, **QWEN_PATCHES},
+    "7b": {**QWEN_PATCHES, "hidden": 3584, "layers": 28, "heads": 28, "kv_heads": 4, "intermediate": 18944, "llm_vocab": 152064,
            "vision_hidden": 1280, "vision_depth": 32, "vision_heads": 16, "vision_intermediate": 3420,
            "vision_window": 112, "vision_fullatt": [7, 15, 23, 31], "tie_word_embeddings": False,
            "whisper_hidden": 1280, "whisper_layers": 32, "whisper_heads": 20, "n_mels": 128, "chunk_seconds": 30.0,

@@ -324,3 +324,17 @@ def test_whisper_dir_loads(tmp_path, offline):
     with torch.no_grad():
         hidden = model.model.encoder(features.input_features).last_hidden_state
     assert hidden.shape == (1, model.config.max_source_positions, model.config.d_model)
+
+
+def test_the_tiny_vocabulary_covers_the_chat_texts():
+    """The tokenizer is trained on the chat texts as well as the captions, so a prompt costs one token per word."""
+    from src.models.build import tokenizer_texts
+    from src.models.processor import DEFAULT_PROMPT
+    from src.models.tokenizer import DEFAULT_SYSTEM, chat_ids, train_tiny_tokenizer
+
+    tok = train_tiny_tokenizer(tokenizer_texts(300), vocab_size=1024)
+    ids, response_start, _ = chat_ids(tok, DEFAULT_PROMPT, span=[], response="The red square appears.")
+    words = len(DEFAULT_PROMPT.split()) + len(DEFAULT_SYSTEM.split())
+    # 3 <|im_start|>, 2 <|im_end|> and the newlines after them, 3 role names and their newlines, and 4 punctuation
+    # marks split from the words; letter-by-letter role names and system text would cost about 25 more
+    assert response_start <= words + 3 + 2 + 2 + 3 + 3 + 4

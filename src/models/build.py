@@ -16,27 +16,29 @@ import json
 import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 from transformers import AutoTokenizer, Qwen2_5_VLConfig, WhisperConfig, WhisperModel
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 
+from src.data.clip_cache import ClipCache
 from src.data.media import FrameSampling
 from src.data.synth.scene import sample_scene
 from src.data.manifest import SFTRow, read_manifest
 from src.models.aligner import AlignerConfig, WindowQFormer
 from src.models.audio import AudioSettings
 from src.models.av_llm import AVLLM, AVLLMConfig, parameter_summary
-from src.models.calibrate import calibrate_media
+from src.models.calibrate import calibrate_media, recalibrate_projectors
 from src.models.processor import DEFAULT_PROMPT, AVProcessor, ProcessorSettings, VisionSettings
-from src.models.tokenizer import ensure_audio_token, special_ids, train_tiny_tokenizer
+from src.models.tokenizer import DEFAULT_SYSTEM, ensure_audio_token, special_ids, train_tiny_tokenizer
+from src.models.encoder_pretrain import TASKS, PretrainSettings, pretrain_encoder
 
 # Tiny defaults: small enough for CPU training in minutes, shaped like the real thing (same classes, same layout).
 TINY = {
     "hidden": 128, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate": 384,
-    "vision_hidden": 64, "vision_depth": 2, "vision_heads": 2, "patch_size": 14, "merge_size": 2,
+    "vision_hidden": 96, "vision_depth": 2, "vision_heads": 2, "patch_size": 7, "merge_size": 4,
     "whisper_hidden": 64, "whisper_layers": 2, "whisper_heads": 2, "n_mels": 80, "chunk_seconds": 4.0,
     "aligner_hidden": 64, "aligner_layers": 2, "aligner_heads": 2,
     "vocab": 1024, "tokenizer_texts": 4000, "llm_init_std": 0.08,
@@ -45,9 +47,12 @@ TINY_SAMPLING = FrameSampling(interval=0.25, min_frames=2, max_frames=64, max_pi
 
 
 def tokenizer_texts(n_scenes: int, seed: int = 0) -> list[str]:
-    """SynthAV captions of ``n_scenes`` sampled scenes (no rendering) plus the prompts: the tiny vocabulary."""
+    """SynthAV captions of ``n_scenes`` sampled scenes (no rendering) plus every other text of a chat sequence (the
+    prompt, the system text, the role names): the tiny vocabulary. Without the chat texts their words were spelt
+    letter by letter, 33 of a training sequence's ~147 tokens."""
     rng = np.random.default_rng(seed)
-    return [sample_scene(rng).caption() for _ in range(n_scenes)] + [DEFAULT_PROMPT]
+    chat = [DEFAULT_PROMPT, f"system\n{DEFAULT_SYSTEM}", "user\n", "assistant\n"]
+    return [sample_scene(rng).caption() for _ in range(n_scenes)] + chat
 
 
 def tiny_configs(tokenizer, sizes: dict) -> AVLLMConfig:
@@ -83,12 +88,18 @@ def tiny_configs(tokenizer, sizes: dict) -> AVLLMConfig:
                        audio_token_id=ids["<|audio_pad|>"])
 
 
-def build_tiny(out: str | os.PathLike, *, seed: int = 0, calibration: Sequence[SFTRow] = (), **overrides) -> Path:
+def build_tiny(out: str | os.PathLike, *, seed: int = 0, calibration: Sequence[SFTRow] = (),
+               pretrain: Mapping[str, PretrainSettings] | None = None, pretrain_rows: Sequence[SFTRow] = (),
+               pretrain_eval_rows: Sequence[SFTRow] = (), clip_cache: str | os.PathLike | None = None,
+               **overrides) -> Path:
     """A random tiny base: a BPE tokenizer trained on SynthAV captions, small Qwen2.5-VL/Whisper/aligner.
 
     ``calibration`` rows (training clips with video and audio) set the media path's data-dependent init
     (``calibrate.calibrate_media``); without them the media path keeps its random init, which trains far more
-    slowly (see that module)."""
+    slowly (see that module). ``pretrain`` ({"vision": settings, "audio": settings}, either or both) then trains
+    those encoders on ``pretrain_rows`` (SynthAV training rows with timelines; ``encoder_pretrain``), reported on
+    ``pretrain_eval_rows``, and the projectors are calibrated again. ``clip_cache``: a ClipCache directory for the
+    decoded clips (SFT reads them from it later)."""
     sizes = {**TINY, **overrides}
     torch.manual_seed(seed)
     tokenizer = train_tiny_tokenizer(tokenizer_texts(sizes["tokenizer_texts"], seed), vocab_size=sizes["vocab"])
@@ -96,15 +107,27 @@ def build_tiny(out: str | os.PathLike, *, seed: int = 0, calibration: Sequence[S
     config._attn_implementation = "sdpa"
     model = AVLLM(config)
     scratch_init(model, sizes["llm_init_std"])
-    vision = VisionSettings(patch_size=sizes["patch_size"], merge_size=sizes["merge_size"])
-    settings = ProcessorSettings(sampling=TINY_SAMPLING, audio=AudioSettings(**config.audio), vision=vision)
+    settings = ProcessorSettings(sampling=TINY_SAMPLING, audio=AudioSettings(**config.audio),
+                                 vision=VisionSettings(patch_size=sizes["patch_size"], merge_size=sizes["merge_size"]))
     processor = AVProcessor(tokenizer, settings)
+    if pretrain and not calibration:
+        raise ValueError("encoder pretraining needs calibration rows (the pixel statistics come from them)")
     if calibration:
         processor, report = calibrate_media(model, processor, calibration)
         print("calibrated the media path on {} clips: token spread video {:.3f} -> {:.3f}, audio {:.3f} -> {:.3f} "
               "(text {:.3f})".format(len(calibration), report["before"]["video"][1], report["after"]["video"][1],
                                      report["before"]["audio"][1], report["after"]["audio"][1],
                                      report["text_spread"]))
+    if pretrain:
+        processor.clip_cache = ClipCache(clip_cache) if clip_cache is not None else None
+        for name, task_settings in pretrain.items():
+            report = pretrain_encoder(TASKS[name], model, processor, pretrain_rows, pretrain_eval_rows, task_settings)
+            held = ", ".join(f"{k} {report['before'][k]:.1%} -> {v:.1%}" for k, v in report["after"].items())
+            print(f"pretrained the {name} encoder on {report['clips']} clips, {report['steps']} steps in "
+                  f"{report['seconds']:.0f} s: loss {report['first_loss']:.3f} -> {report['final_loss']:.3f}"
+                  + (f"; held-out accuracy {held}" if held else ""))
+        recalibrate_projectors(model, processor, calibration)  # re-centre and re-spread the new media tokens
+        processor.clip_cache = None
     return save_base(model, processor, out)
 
 
@@ -185,14 +208,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calibrate", metavar="MANIFEST",
                         help="tiny only: training manifest whose first clips set the media path's init")
     parser.add_argument("--calibration-clips", type=int, default=64)
+    for name in TASKS:
+        parser.add_argument(f"--pretrain-{name}-steps", type=int, default=0, metavar="N",
+                            help=f"tiny only: pretrain the {name} encoder for N steps on the --calibrate manifest's "
+                                 "timelines (src/models/encoder_pretrain.py); 0 = off")
+    parser.add_argument("--pretrain-clips", type=int, default=PretrainSettings.clips)
+    parser.add_argument("--pretrain-eval", metavar="MANIFEST", help="held-out rows for the pretraining report (val)")
+    parser.add_argument("--clip-cache", metavar="DIR", help="decoded-clip cache to fill (the SFT recipes' cache_dir)")
     args = parser.parse_args(argv)
+    pretrain = {name: PretrainSettings(steps=getattr(args, f"pretrain_{name}_steps"), clips=args.pretrain_clips,
+                                       seed=args.seed)
+                for name in TASKS if getattr(args, f"pretrain_{name}_steps")}
     if args.tiny == bool(args.qwen or args.whisper):
         parser.error("give either --tiny or both --qwen and --whisper")
-    if args.calibrate and not args.tiny:
-        parser.error("--calibrate is for a tiny base trained from scratch; a real base keeps its pretrained init")
+    if (args.calibrate or pretrain) and not args.tiny:
+        parser.error("--calibrate and --pretrain-* are for a tiny base trained from scratch; "
+                     "a real base keeps its pretrained init")
+    if pretrain and not args.calibrate:
+        parser.error("--pretrain-*-steps needs --calibrate MANIFEST (its rows are the pretraining data)")
     if args.tiny:
-        rows = read_manifest(args.calibrate)[:args.calibration_clips] if args.calibrate else ()
-        out = build_tiny(args.out, seed=args.seed, calibration=rows)
+        rows = read_manifest(args.calibrate) if args.calibrate else []
+        held = read_manifest(args.pretrain_eval) if args.pretrain_eval else []
+        out = build_tiny(args.out, seed=args.seed, calibration=rows[:args.calibration_clips], pretrain=pretrain,
+                         pretrain_rows=rows, pretrain_eval_rows=held, clip_cache=args.clip_cache)
     else:
         if not (args.qwen and args.whisper):
             parser.error("--qwen and --whisper go together")

@@ -99,3 +99,17 @@ def calibrate_media(model: AVLLM, processor: AVProcessor, rows: Sequence) -> tup
     report["text_spread"] = target
     report["pixel_mean"], report["pixel_std"] = mean, std
     return processor, report
+
+
+@torch.no_grad()
+def recalibrate_projectors(model: AVLLM, processor: AVProcessor, rows: Sequence) -> dict:
+    """Step 3 again, after the encoders were trained (``encoder_pretrain``): the visual merger's and the aligner's
+    tokens are re-centred and re-spread like text embeddings; the pixel statistics and Whisper's stem stay.
+    Returns the media tokens' (mean norm, spread) after."""
+    samples = [processor(r) for r in rows]
+    target = model.get_input_embeddings().weight.float().norm(dim=-1).mean().item()
+    video, audio = _media(model, samples)
+    _match_spread(model.visual.merger.mlp[-1], video, target)
+    _match_spread(model.aligner.out_proj, audio, target)
+    video, audio = _media(model, samples)
+    return {"video": spread(video), "audio": spread(audio)}
