@@ -10,6 +10,8 @@ embedded default whose tiny base starts from random weights). Loss: per-example 
 tokens, averaged over the batch (src.losses.logprobs.mean_response_ce), read through the response-only LM head:
 no (b, s, v) logits exist in a step (the model's ``return_logits=False``). AdamW, linear warm-up then cosine decay
 over the run's optimizer steps. Logs train/loss, train/lr, train/tokens_per_s, train/grad_norm, val/loss.
+``cache_video_tokens``: with a frozen vision path, each clip's video tokens are computed once and reused
+(src.models.video_cache).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 
 from src.models.build import load_base
 from src.models.lora import LoraSettings, attach_lora
+from src.models.video_cache import FrozenVideoCache, video_keys
 
 Stage = Literal["align", "sft", "rebirth"]
 TRAINABLE_PARTS = ("lora", "aligner", "merger", "llm", "vision", "whisper")
@@ -77,7 +80,7 @@ def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_trainable_model(base: str, trainable: tuple[str, ...], lora: LoraSettings,
-                          activation_checkpointing: bool = False):
+                          activation_checkpointing: bool = False, cache_video_tokens: bool = False):
     """Load the base (train mode), attach LoRA when "lora" is among ``trainable``, set the trainable parts."""
     model, processor = load_base(base)
     model.train()  # from_pretrained returns eval mode; LoRA dropout and any dropout must be live
@@ -116,7 +119,7 @@ def log_grad_norm_and_lr(module: pl.LightningModule, optimizer) -> None:
 class SFTModule(pl.LightningModule):
     def __init__(self, base: str, stage: Stage = "sft", trainable: list[str] | None = None,
                  lora: LoraSettings = LoraSettings(), lr: float = 2e-5, optim: OptimSettings = OptimSettings(),
-                 activation_checkpointing: bool = False):
+                 activation_checkpointing: bool = False, cache_video_tokens: bool = False):
         super().__init__()
         if stage not in STAGE_TRAINABLE:
             raise ValueError(f"stage must be one of {tuple(STAGE_TRAINABLE)}, got {stage!r}")
@@ -126,6 +129,7 @@ class SFTModule(pl.LightningModule):
         self.optim = optim if isinstance(optim, OptimSettings) else OptimSettings(**optim)
         self.trainable = tuple(trainable) if trainable is not None else STAGE_TRAINABLE[stage]
         self.activation_checkpointing = activation_checkpointing
+        self.video_cache = FrozenVideoCache() if cache_video_tokens else None
         self.model = None
         self.processor = None
         self._step_started: float | None = None
@@ -138,9 +142,16 @@ class SFTModule(pl.LightningModule):
         self.model, self.processor = build_trainable_model(self.base, self.trainable, self.lora,
                                                            self.activation_checkpointing)
         shard_under_model_parallel(self, self.model)
+        if self.video_cache is not None:
+            self.video_cache.check_frozen(self.model)
 
     def forward(self, batch: dict[str, Any]):
-        return self.model(**model_inputs(batch), return_logits=False)
+        inputs = model_inputs(batch)
+        if self.video_cache is not None and "pixel_values_videos" in batch:
+            keys = video_keys(batch, self.model.config.qwen_config.video_token_id)
+            inputs["video_features"] = self.video_cache.tokens(self.model, batch["pixel_values_videos"],
+                                                               batch["video_grid_thw"], keys)
+        return self.model(**inputs, return_logits=False)
 
     # -- steps ---------------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
