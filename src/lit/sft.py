@@ -144,13 +144,12 @@ class SFTModule(pl.LightningModule):
         shard_under_model_parallel(self, self.model)
         if self.video_cache is not None:
             self.video_cache.check_frozen(self.model)
+            self.model.video_cache = self.video_cache
 
     def forward(self, batch: dict[str, Any]):
         inputs = model_inputs(batch)
         if self.video_cache is not None and "pixel_values_videos" in batch:
-            keys = video_keys(batch, self.model.config.qwen_config.video_token_id)
-            inputs["video_features"] = self.video_cache.tokens(self.model, batch["pixel_values_videos"],
-                                                               batch["video_grid_thw"], keys)
+            inputs["video_keys"] = video_keys(batch, self.model.config.qwen_config.video_token_id)
         return self.model(**inputs, return_logits=False)
 
     # -- steps ---------------------------------------------------------------------------------------------
