@@ -80,7 +80,7 @@ def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_trainable_model(base: str, trainable: tuple[str, ...], lora: LoraSettings,
-                          activation_checkpointing: bool = False, cache_video_tokens: bool = False):
+                          activation_checkpointing: bool = False):
     """Load the base (train mode), attach LoRA when "lora" is among ``trainable``, set the trainable parts."""
     model, processor = load_base(base)
     model.train()  # from_pretrained returns eval mode; LoRA dropout and any dropout must be live

@@ -145,24 +145,21 @@ class AVLLM(PreTrainedModel):
     def embed(self, input_ids: torch.Tensor, pixel_values_videos: torch.Tensor | None = None,
               video_grid_thw: torch.Tensor | None = None, input_features: torch.Tensor | None = None,
               audio_chunks: list[int] | None = None, audio_windows: list[int] | None = None,
-              media_repeats: int = 1, video_features: torch.Tensor | None = None,
-              video_keys: list[str] | None = None) -> torch.Tensor:
+              media_repeats: int = 1, video_keys: list[str] | None = None) -> torch.Tensor:
         """(b, s) ids -> (b, s, d) embeddings with the media features scattered in.
 
         ``media_repeats`` k: the rows are k blocks of b / k sequences, block j row i using sample i's media (e.g.
         the chosen, rejected and ground-truth responses of a preference batch). The encoders run once on the
-        samples' media and their features fill every block. ``video_features``: the video tokens already computed
-        (``video_cache.FrozenVideoCache``), used instead of running the vision tower; ``video_keys`` (one sample id
-        per video) reads them through ``self.video_cache``."""
+        samples' media and their features fill every block. ``video_keys`` (one sample id per video): read the
+        video tokens through ``self.video_cache`` (``video_cache.FrozenVideoCache``) when one is set."""
         embeds = self.get_input_embeddings()(input_ids)
-        if video_features is None and video_keys is not None and self.video_cache is not None \
-                and pixel_values_videos is not None:
-            video_features = self.video_cache.tokens(self, pixel_values_videos, video_grid_thw, video_keys)
-        if video_features is None and pixel_values_videos is not None:
-            video_features = self.video_embeddings(pixel_values_videos, video_grid_thw)
-        if video_features is not None:
+        if pixel_values_videos is not None:
+            if video_keys is not None and self.video_cache is not None:
+                features = self.video_cache.tokens(self, pixel_values_videos, video_grid_thw, video_keys)
+            else:
+                features = self.video_embeddings(pixel_values_videos, video_grid_thw)
             embeds = self._scatter(embeds, input_ids, self.config.qwen_config.video_token_id,
-                                   video_features.repeat(media_repeats, 1), "video")
+                                   features.repeat(media_repeats, 1), "video")
         if input_features is not None and sum(audio_windows):
             features = self.audio_embeddings(input_features, audio_chunks, audio_windows)
             embeds = self._scatter(embeds, input_ids, self.config.audio_token_id,
@@ -186,10 +183,10 @@ class AVLLM(PreTrainedModel):
                 inputs_embeds: torch.Tensor | None = None, cache: DynamicCache | None = None,
                 use_cache: bool = False, return_logits: bool = True, media_repeats: int = 1,
                 logp_index: torch.Tensor | None = None, logp_targets: torch.Tensor | None = None,
-                logp_chunk_size: int | None = None, video_features: torch.Tensor | None = None,
-                video_keys: list[str] | None = None, **_: object) -> AVOutput:
+                logp_chunk_size: int | None = None, video_keys: list[str] | None = None,
+                **_: object) -> AVOutput:
         """position_ids (3, b, s) from the processor; labels (b, s) are the input ids with -100 outside the
-        response (shifted inside the loss); media_repeats, video_features, video_keys: see ``embed``.
+        response (shifted inside the loss); media_repeats, video_keys: see ``embed``.
 
         Training reads log-probs without (b, s, v) logits: ``logp_index`` (N,) flat indices into the b * s hidden
         positions and ``logp_targets`` (N,) the tokens they predict give ``token_logps`` (N,) through the chunked
@@ -201,7 +198,7 @@ class AVLLM(PreTrainedModel):
                              "silently drop the time axis of M-RoPE")
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids, pixel_values_videos, video_grid_thw, input_features, audio_chunks,
-                                       audio_windows, media_repeats, video_features, video_keys)
+                                       audio_windows, media_repeats, video_keys)
         out = self.llm(inputs_embeds=inputs_embeds, position_ids=position_ids, attention_mask=attention_mask,
                        cache=cache, use_cache=use_cache)
         hidden = out.last_hidden_state

@@ -90,15 +90,20 @@ def calibrate_media(model: AVLLM, processor: AVProcessor, rows: Sequence) -> tup
     _standardise_conv(whisper.conv1, whisper.conv1(features))
     _standardise_conv(whisper.conv2, whisper.conv2(torch.nn.functional.gelu(whisper.conv1(features))))
 
+    report["after"], report["text_spread"] = _match_projectors(model, samples)
+    report["pixel_mean"], report["pixel_std"] = mean, std
+    return processor, report
+
+
+def _match_projectors(model: AVLLM, samples: Sequence[dict]) -> tuple[dict, float]:
+    """Step 3: re-bias and rescale both projectors' last layers so that their tokens on ``samples`` are centred and
+    spread like text embeddings. Returns the tokens' (mean norm, spread) after, and the text spread."""
     target = model.get_input_embeddings().weight.float().norm(dim=-1).mean().item()
     video, audio = _media(model, samples)
     _match_spread(model.visual.merger.mlp[-1], video, target)
     _match_spread(model.aligner.out_proj, audio, target)
     video, audio = _media(model, samples)
-    report["after"] = {"video": spread(video), "audio": spread(audio)}
-    report["text_spread"] = target
-    report["pixel_mean"], report["pixel_std"] = mean, std
-    return processor, report
+    return {"video": spread(video), "audio": spread(audio)}, target
 
 
 @torch.no_grad()
@@ -106,10 +111,4 @@ def recalibrate_projectors(model: AVLLM, processor: AVProcessor, rows: Sequence)
     """Step 3 again, after the encoders were trained (``encoder_pretrain``): the visual merger's and the aligner's
     tokens are re-centred and re-spread like text embeddings; the pixel statistics and Whisper's stem stay.
     Returns the media tokens' (mean norm, spread) after."""
-    samples = [processor(r) for r in rows]
-    target = model.get_input_embeddings().weight.float().norm(dim=-1).mean().item()
-    video, audio = _media(model, samples)
-    _match_spread(model.visual.merger.mlp[-1], video, target)
-    _match_spread(model.aligner.out_proj, audio, target)
-    video, audio = _media(model, samples)
-    return {"video": spread(video), "audio": spread(audio)}
+    return _match_projectors(model, [processor(r) for r in rows])[0]

@@ -3,8 +3,9 @@
 When neither the vision tower nor its merger trains (the embedded default's SFT: the tiny base's tower was
 pretrained when the base was built), a clip's video tokens are the same every epoch, yet the tower's forward is
 about a third of a tiny SFT step on CPU. ``FrozenVideoCache`` keeps them, on CPU, keyed by the sample id, the
-video's patch grid and two checksums of its pixels (one of them order-sensitive) (so a changed clip under the same id is a miss, never a stale
-hit). 8,000 SynthAV clips take 131 MB.
+video's patch grid and two checksums of its pixels, one of them order-sensitive, so a changed clip under the same
+id is a miss, never a stale hit. 8,000 SynthAV clips take 131 MB. ``AVLLM.embed`` reads it for batches that pass
+``video_keys`` (``SFTModule`` with ``cache_video_tokens``).
 
 Use it only with a frozen vision path: ``tokens`` refuses a tower or merger with trainable parameters, whose
 tokens change every step. Each process (rank) keeps its own cache; nothing is saved in checkpoints, so a resumed
