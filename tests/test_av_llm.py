@@ -71,6 +71,25 @@ def test_labels_cover_only_the_response(loaded, clip_path):
     assert processor.tokenizer.decode(learned) == CAPTION + "<|im_end|>"
 
 
+def test_sequence_memo_gives_fresh_equal_tensors_and_is_not_pickled(loaded, clip_path):
+    """A repeated sample reads its token sequence from the processor's memo: equal tensors, not shared ones (a
+    caller that edits its copy changes nothing for the next one); another response is built anew; a pickled
+    processor (what DataLoader workers get) starts with an empty memo."""
+    import pickle
+
+    _, processor = loaded
+    first = inputs(processor, clip_path, "av")
+    first["labels"][:] = 0  # a caller editing its sample in place
+    again = inputs(processor, clip_path, "av")
+    fresh = processor._build_sequence(*processor._media(load_clip(clip_path, sampling=processor.settings.sampling))[1:],
+                                      None, CAPTION)
+    for key in ("input_ids", "labels", "position_ids"):
+        assert torch.equal(again[key], fresh[key])
+    other = inputs(processor, clip_path, "av", response="A low tone plays.")
+    assert not torch.equal(other["input_ids"][-5:], again["input_ids"][-5:])
+    assert len(processor._sequences) >= 2 and pickle.loads(pickle.dumps(processor))._sequences == {}
+
+
 def test_save_then_load_gives_identical_logits(loaded, clip_path, tmp_path):
     model, processor = loaded
     batch = processor.collate([inputs(processor, clip_path, "av")])

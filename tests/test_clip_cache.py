@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from src.data.clip_cache import ClipCache
+from src.data.clip_cache import ClipCache, warm_clip_cache
 from src.data.errors import BadSampleError
 from src.data.manifest import read_manifest
 from src.data.media import FrameSampling, load_clip
@@ -86,6 +86,21 @@ def test_bad_media_is_never_cached(tmp_path):
     with pytest.raises(BadSampleError, match="missing.mp4"):
         _get(cache, str(tmp_path / "missing.mp4"), load_clip)
     assert not list((tmp_path / "cache").rglob("*.safetensors"))
+
+
+def test_warm_decodes_in_worker_processes_what_a_run_then_reads(tmp_path, synthav):
+    """Two spawned workers fill the cache; a bad clip is counted and left out; a second warm decodes nothing, and
+    a run's reads are hits equal to a decode."""
+    videos = [str(synthav / r.video) for r in read_manifest(synthav / "train.jsonl")[:3]]
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"not a video")
+    clips = [(v, None, True) for v in videos] + [(str(bad), None, True)]
+    warm = dict(sampling=SAMPLING, sample_rate=16000, workers=2, chunk=2)
+    assert warm_clip_cache(tmp_path / "cache", clips, **warm) == {"clips": 4, "decoded": 3, "failed": 1}
+    assert warm_clip_cache(tmp_path / "cache", clips, **warm) == {"clips": 4, "decoded": 0, "failed": 1}
+    cache, decode = ClipCache(tmp_path / "cache"), CountingDecoder()
+    _same(_get(cache, videos[2], decode), load_clip(videos[2], sampling=SAMPLING))
+    assert decode.calls == 0 and cache.hits == 1
 
 
 def test_datamodule_epochs_through_the_cache_match_decoding(tmp_path, synthav):

@@ -15,14 +15,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from src.data.errors import BadSampleError
 from src.data.media import AVClip, FrameSampling, load_clip
 
 log = logging.getLogger(__name__)
@@ -98,6 +101,34 @@ class ClipCache:
         except OSError as err:  # a full or read-only disk costs speed, never the sample
             log.warning("clip cache: could not write %s (%s)", path, err)
             tmp.unlink(missing_ok=True)
+
+
+def _warm_chunk(directory: str, clips: list[tuple], sampling: FrameSampling, sample_rate: int) -> tuple[int, int]:
+    cache, failed = ClipCache(directory), 0
+    for video, audio, use_audio in clips:
+        try:
+            cache.get(video, audio, sampling=sampling, use_audio=use_audio, sample_rate=sample_rate,
+                      decode=load_clip)
+        except BadSampleError:  # bad media are not cached: the stream reports and counts them when it meets them
+            failed += 1
+    return cache.misses, failed
+
+
+def warm_clip_cache(directory: str | os.PathLike, clips: Sequence[tuple[str | None, str | None, bool]], *,
+                    sampling: FrameSampling, sample_rate: int, workers: int = 2, chunk: int = 64) -> dict[str, int]:
+    """Decode every (video, audio, use_audio) of ``clips`` into the cache at ``directory`` with ``workers``
+    processes, before a run that will read them in its main process (an SFT run with num_workers 0 decodes its first
+    epoch serially otherwise). Entries already there are read, not decoded. Returns {"clips", "decoded", "failed"}.
+    """
+    clips = list(clips)
+    parts = [clips[i:i + chunk] for i in range(0, len(clips), chunk)]
+    if workers <= 1 or len(parts) <= 1:
+        results = [_warm_chunk(str(directory), part, sampling, sample_rate) for part in parts]
+    else:  # spawn: the parent has started torch's thread pool, which a forked child must not inherit
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = list(pool.map(_warm_chunk, [str(directory)] * len(parts), parts, [sampling] * len(parts),
+                                    [sample_rate] * len(parts)))
+    return {"clips": len(clips), "decoded": sum(r[0] for r in results), "failed": sum(r[1] for r in results)}
 
 
 def load_clip_cached(cache: ClipCache | None, video: str | None, audio: str | None, *, sampling: FrameSampling,

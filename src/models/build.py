@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -23,7 +24,7 @@ import torch
 from transformers import AutoTokenizer, Qwen2_5_VLConfig, WhisperConfig, WhisperModel
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 
-from src.data.clip_cache import ClipCache
+from src.data.clip_cache import ClipCache, warm_clip_cache
 from src.data.media import FrameSampling
 from src.data.synth.scene import sample_scene
 from src.data.manifest import SFTRow, read_manifest
@@ -36,6 +37,7 @@ from src.models.tokenizer import DEFAULT_SYSTEM, ensure_audio_token, special_ids
 from src.models.encoder_pretrain import TASKS, PretrainSettings, pretrain_encoder
 
 # Tiny defaults: small enough for CPU training in minutes, shaped like the real thing (same classes, same layout).
+# The tests build these; `make base` (the embedded default) gives the LLM 6 layers instead (--llm-layers).
 TINY = {
     "hidden": 128, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate": 384,
     "vision_hidden": 96, "vision_depth": 2, "vision_heads": 2, "patch_size": 7, "merge_size": 4,
@@ -119,6 +121,14 @@ def build_tiny(out: str | os.PathLike, *, seed: int = 0, calibration: Sequence[S
                                      report["before"]["audio"][1], report["after"]["audio"][1],
                                      report["text_spread"]))
     if pretrain:
+        if clip_cache is not None:  # every clip decoded once, in parallel: pretraining and SFT then read them
+            started = time.perf_counter()
+            rows = list(pretrain_rows) + list(pretrain_eval_rows)
+            warmed = warm_clip_cache(clip_cache, [(r.video, r.audio, r.use_audio) for r in rows],
+                                     sampling=processor.settings.sampling,
+                                     sample_rate=processor.settings.audio.sample_rate, workers=2)
+            print(f"clip cache {clip_cache}: {warmed['decoded']} of {warmed['clips']} clips decoded "
+                  f"({warmed['failed']} failed) in {time.perf_counter() - started:.0f} s")
         processor.clip_cache = ClipCache(clip_cache) if clip_cache is not None else None
         for name, task_settings in pretrain.items():
             report = pretrain_encoder(TASKS[name], model, processor, pretrain_rows, pretrain_eval_rows, task_settings)
@@ -208,6 +218,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calibrate", metavar="MANIFEST",
                         help="tiny only: training manifest whose first clips set the media path's init")
     parser.add_argument("--calibration-clips", type=int, default=64)
+    parser.add_argument("--llm-layers", type=int, default=TINY["layers"], metavar="N",
+                        help="tiny only: decoder layers of the LLM (the tests' bases keep TINY's %(default)s; the "
+                             "Makefile's embedded default has more)")
     for name in TASKS:
         parser.add_argument(f"--pretrain-{name}-steps", type=int, default=0, metavar="N",
                             help=f"tiny only: pretrain the {name} encoder for N steps on the --calibrate manifest's "
@@ -221,8 +234,8 @@ def main(argv: list[str] | None = None) -> None:
                 for name in TASKS if getattr(args, f"pretrain_{name}_steps")}
     if args.tiny == bool(args.qwen or args.whisper):
         parser.error("give either --tiny or both --qwen and --whisper")
-    if (args.calibrate or pretrain) and not args.tiny:
-        parser.error("--calibrate and --pretrain-* are for a tiny base trained from scratch; "
+    if (args.calibrate or pretrain or args.llm_layers != TINY["layers"]) and not args.tiny:
+        parser.error("--calibrate, --pretrain-* and --llm-layers are for a tiny base trained from scratch; "
                      "a real base keeps its pretrained init")
     if pretrain and not args.calibrate:
         parser.error("--pretrain-*-steps needs --calibrate MANIFEST (its rows are the pretraining data)")
@@ -230,7 +243,8 @@ def main(argv: list[str] | None = None) -> None:
         rows = read_manifest(args.calibrate) if args.calibrate else []
         held = read_manifest(args.pretrain_eval) if args.pretrain_eval else []
         out = build_tiny(args.out, seed=args.seed, calibration=rows[:args.calibration_clips], pretrain=pretrain,
-                         pretrain_rows=rows, pretrain_eval_rows=held, clip_cache=args.clip_cache)
+                         pretrain_rows=rows, pretrain_eval_rows=held, clip_cache=args.clip_cache,
+                         layers=args.llm_layers)
     else:
         if not (args.qwen and args.whisper):
             parser.error("--qwen and --whisper go together")
