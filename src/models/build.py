@@ -135,7 +135,9 @@ def build_tiny(out: str | os.PathLike, *, seed: int = 0, calibration: Sequence[S
             held = ", ".join(f"{k} {report['before'][k]:.1%} -> {v:.1%}" for k, v in report["after"].items())
             print(f"pretrained the {name} encoder on {report['clips']} clips, {report['steps']} steps in "
                   f"{report['seconds']:.0f} s: loss {report['first_loss']:.3f} -> {report['final_loss']:.3f}"
-                  + (f"; held-out accuracy {held}" if held else ""))
+                  + (f"; held-out accuracy {held}" if held else "")
+                  + ("; on training clips " + ", ".join(f"{k} {v:.1%}" for k, v in report["train"].items())
+                     if report["train"] else ""))
         recalibrate_projectors(model, processor, calibration)  # re-centre and re-spread the new media tokens
         processor.clip_cache = None
     return save_base(model, processor, out)

@@ -190,11 +190,12 @@ def pretrain_encoder(task, model: AVLLM, processor: AVProcessor, rows: Sequence,
                      settings: PretrainSettings = PretrainSettings(), log: Callable[[str], None] | None = print
                      ) -> dict:
     """Train ``task.module(model)`` in place on ``rows`` with a throw-away classifier; return a report (losses,
-    held-out metrics before and after, seconds)."""
+    held-out metrics before and after, the same metrics on as many training clips after, seconds)."""
     torch.manual_seed(settings.seed)
     t_start = time.perf_counter()
     train = [task.example(r, processor) for r in rows[: settings.clips]]
     held = [task.example(r, processor) for r in eval_rows[: settings.eval_clips]]
+    seen = train[: settings.eval_clips]  # the fit, reported next to the held-out metrics
     encoder, heads = task.module(model), task.heads(model)
     params = list(encoder.parameters()) + list(heads.parameters())
     flags = [p.requires_grad for p in params]
@@ -230,5 +231,6 @@ def pretrain_encoder(task, model: AVLLM, processor: AVProcessor, rows: Sequence,
     for p, flag in zip(params, flags):
         p.requires_grad_(flag)
     return {"task": task.name, "before": before, "after": evaluate(task, model, heads, held),
+            "train": evaluate(task, model, heads, seen),
             "first_loss": losses[0] if losses else None, "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])),
             "clips": len(train), "steps": settings.steps, "seconds": time.perf_counter() - t_start}
