@@ -45,9 +45,9 @@ $(SYNTH_STAMP): | $(STAMP)
 	touch $@
 
 # The tiny base of the embedded default: a random LLM (6 decoder layers: test EER 74% with 2, 66% with 4, 62%
-# with 6, bench/RESULTS.md); its media path initialised on 64 training clips, its vision
-# tower and Whisper encoder pretrained on the training clips' timelines (src/models/encoder_pretrain.py), as a
-# real base's encoders come pretrained.
+# with 6, bench/RESULTS.md); its media path initialised on 64 training clips, its vision tower and Whisper encoder
+# pretrained on the training clips' timelines (src/models/encoder_pretrain.py), as a real base's encoders come
+# pretrained. With --clip-cache it first decodes every training and val clip into that cache (2 processes).
 VISION_STEPS ?= 1000
 AUDIO_STEPS ?= 150
 LLM_LAYERS ?= 6
