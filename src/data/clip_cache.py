@@ -107,8 +107,7 @@ def _warm_chunk(directory: str, clips: list[tuple], sampling: FrameSampling, sam
     cache, failed = ClipCache(directory), 0
     for video, audio, use_audio in clips:
         try:
-            cache.get(video, audio, sampling=sampling, use_audio=use_audio, sample_rate=sample_rate,
-                      decode=load_clip)
+            load_clip_cached(cache, video, audio, sampling=sampling, use_audio=use_audio, sample_rate=sample_rate)
         except BadSampleError:  # bad media are not cached: the stream reports and counts them when it meets them
             failed += 1
     return cache.misses, failed
