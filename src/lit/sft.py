@@ -11,7 +11,8 @@ tokens, averaged over the batch (src.losses.logprobs.mean_response_ce), read thr
 no (b, s, v) logits exist in a step (the model's ``return_logits=False``). AdamW, linear warm-up then cosine decay
 over the run's optimizer steps. Logs train/loss, train/lr, train/tokens_per_s, train/grad_norm, val/loss.
 ``cache_video_tokens``: with a frozen vision path, each clip's video tokens are computed once and reused
-(src.models.video_cache).
+(src.models.video_cache). ``attn_implementation``: the decoder's attention kernel ("sdpa", "eager", ...; None
+keeps SDPA, which the base loads with).
 """
 
 from __future__ import annotations
@@ -119,7 +120,8 @@ def log_grad_norm_and_lr(module: pl.LightningModule, optimizer) -> None:
 class SFTModule(pl.LightningModule):
     def __init__(self, base: str, stage: Stage = "sft", trainable: list[str] | None = None,
                  lora: LoraSettings = LoraSettings(), lr: float = 2e-5, optim: OptimSettings = OptimSettings(),
-                 activation_checkpointing: bool = False, cache_video_tokens: bool = False):
+                 activation_checkpointing: bool = False, cache_video_tokens: bool = False,
+                 attn_implementation: str | None = None):
         super().__init__()
         if stage not in STAGE_TRAINABLE:
             raise ValueError(f"stage must be one of {tuple(STAGE_TRAINABLE)}, got {stage!r}")
@@ -130,6 +132,7 @@ class SFTModule(pl.LightningModule):
         self.trainable = tuple(trainable) if trainable is not None else STAGE_TRAINABLE[stage]
         self.activation_checkpointing = activation_checkpointing
         self.video_cache = FrozenVideoCache() if cache_video_tokens else None
+        self.attn_implementation = attn_implementation
         self.model = None
         self.processor = None
         self._step_started: float | None = None
@@ -141,6 +144,8 @@ class SFTModule(pl.LightningModule):
             return
         self.model, self.processor = build_trainable_model(self.base, self.trainable, self.lora,
                                                            self.activation_checkpointing)
+        if self.attn_implementation is not None:
+            self.model.llm.set_attn_implementation(self.attn_implementation)
         shard_under_model_parallel(self, self.model)
         if self.video_cache is not None:
             self.video_cache.check_frozen(self.model)
