@@ -200,7 +200,7 @@ def test_stage_trains_exactly_its_parts(tiny_base, stage):
 def test_attn_implementation_reaches_the_decoder_and_keeps_the_loss(tiny_base, synthav):
     """recipes/sft.yaml trains the tiny model with eager attention (faster than SDPA under bf16 on CPU): the
     setting reaches every decoder layer, and in fp32 the loss and its gradients equal SDPA's (padded rows)."""
-    model, proc = load_base(tiny_base)
+    _, proc = load_base(tiny_base)
     rows = read_manifest(synthav / "train.jsonl")[:4]
     batch = proc.collate([proc(r) for r in rows])
     assert (batch["attention_mask"] == 0).any()  # rows of different lengths: the padding mask is exercised
