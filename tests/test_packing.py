@@ -419,6 +419,29 @@ def test_cache_step_equals_plain_step_values_loss_and_gradients(tiny_base, clips
         assert any("aligner" in n for n in plain_grads) == ("aligner" in trainable)
 
 
+@pytest.mark.parametrize("mode", ["cache", "mask"])
+def test_prefix_sharing_under_activation_checkpointing_equals_the_plain_step(tiny_base, clips, mode):
+    """The 7B recipes train with activation checkpointing. transformers drops a KV cache from a checkpointed layer
+    (a cache that appends would be written again when backward recomputes the layer), which left the cache path's
+    responses without their prompt (a shape error on the GPU). With checkpointing on and the layers really
+    recomputed in backward, both prefix-sharing modes give the plain step's values, loss and gradients."""
+    module = module_for(tiny_base, gt_weight=0.1, activation_checkpointing=True)
+    module.model.train()  # layers are checkpointed in training mode only (dropout is 0 in this model and LoRA)
+    batch = preference_batch(module.processor, clips, "mixed")
+    calls = []
+    hook = module.model.llm.layers[0].self_attn.register_forward_hook(lambda *_: calls.append(torch.is_grad_enabled()))
+    try:
+        plain = cache_step(module, batch, "plain")
+        calls.clear()
+        fast = cache_step(module, batch, mode)
+    finally:
+        hook.remove()
+    # reference pass (no grad) + policy passes (grad), then the policy passes again in backward's recompute
+    policy_passes = 2 if mode == "cache" else 1
+    assert calls.count(True) == 2 * policy_passes, calls
+    assert_step_equals_plain(plain, fast, True, f"{mode} under activation checkpointing")
+
+
 def test_cache_token_logps_equal_the_stacked_sequences(tiny_base, clips):
     """Per token, both passes together: the plain path's log-prob of every labelled token."""
     module = module_for(tiny_base)

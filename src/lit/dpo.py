@@ -25,8 +25,9 @@ One step, for a batch of b pairs (src.models.processor.AVProcessor.collate_prefe
   float mask shared by every layer; flex_attention a BlockMask: the CUDA choice with ``pack_tokens``).
   ``prefix_sharing="cache"`` (the default) shares the prefix through the KV cache instead, with no L x L mask:
   a prompt pass over the b prompts (use_cache; it also scores token 0 of every response from the last prompt
-  token), then a response pass with one row per pair, [chosen | rejected | gt], on the prompt cache as it is
-  (kept in the graph, so gradients reach the prompt pass), with a (3R x (P + 3R)) mask in which each response sees
+  token), then a response pass with one row per pair, [chosen | rejected | gt], on the prompt's keys and values
+  (a PrefixCache: kept in the graph, so gradients reach the prompt pass, and replayable by activation
+  checkpointing, which drops ordinary caches), with a (3R x (P + 3R)) mask in which each response sees
   the prompt and its own past, and each response's own positions (src.models.packing.PrefixBatch). SDPA then runs
   causal prompts and short response queries only, and no copy of the prompt's keys is made per response. The reference
   runs both passes over chosen and rejected; its prompt pass's embeddings feed the policy's when shared.
@@ -56,7 +57,8 @@ from src.lit.sft import (OptimSettings, adamw, build_trainable_model, log_grad_n
 from src.losses.dpo import BETA, GT_WEIGHT, PREFERENCE_LOSSES, gdpo_loss, preference_stats
 from src.losses.logprobs import response_ce, sequence_logps
 from src.models.lora import LoraSettings, clear_optimizer_state_, fold_lora_, lora_parameters, reset_lora_
-from src.models.packing import PackedPairs, PrefixBatch, pack_preference, prefix_batch
+from src.models.packing import (PackedPairs, PrefixBatch, PrefixCache, cache_through_checkpointing, pack_preference,
+                                 prefix_batch)
 from src.models.reference import ReferenceSnapshot, reference_mode
 
 LossType = Literal["sigmoid", "ipo"]
@@ -298,10 +300,13 @@ class DPOModule(pl.LightningModule):
     def prefix_call(self, prefix: PrefixBatch, inputs: dict[str, Any], responses: int | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(k, b) summed log-probs of the first ``responses`` responses, and the prompt pass's input embeddings."""
-        prompt = self.model(**prefix.prompt_inputs(responses), **inputs, use_cache=True, return_logits=False)
+        cache = PrefixCache()
         implementation = self.model.llm.config._attn_implementation
-        reply = self.model(**prefix.response_inputs(prompt.cache, responses, implementation, self.model.dtype),
-                           return_logits=False)
+        with cache_through_checkpointing(self.model.llm.layers):
+            prompt = self.model(**prefix.prompt_inputs(responses), **inputs, cache=cache, use_cache=True,
+                                return_logits=False)
+            reply = self.model(**prefix.response_inputs(cache.reader(), responses, implementation, self.model.dtype),
+                               return_logits=False)
         return prefix.response_sums(prompt.token_logps, reply.token_logps, responses), prompt.inputs_embeds
 
     def loss_and_stats(self, out: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -33,9 +33,12 @@ through the KV cache instead: the b prompts in one causal pass with a cache, the
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+from transformers.cache_utils import DynamicCache
 
 from src.losses.logprobs import IGNORE_INDEX
 
@@ -242,6 +245,61 @@ def pack_preference(batch: dict, responses: int, pack_tokens: int | None = None,
 
 # -- KV-cache prefix sharing ------------------------------------------------------------------------------------
 
+class PrefixCache(DynamicCache):
+    """The prompt pass's keys and values for the response pass, in a form activation checkpointing can replay.
+
+    transformers drops a cache from a checkpointed decoder layer, since backward's recompute of the layer would
+    append to an ordinary cache a second time. Here every ``update`` is a pure function of its inputs:
+
+    - recording (the prompt pass, which starts empty): a layer's first call stores its keys / values and returns
+      them; a later call for the same layer, the recompute, stores nothing and returns its inputs, as the first
+      call did (the prompt attends to itself only);
+    - ``reader()`` (the response pass): returns the recorded prompt followed by the new tokens and stores
+      nothing, so the recompute reads the same prompt.
+
+    The stored tensors stay in the autograd graph: the responses' gradients reach the prompt pass."""
+
+    def __init__(self, prefix: list | None = None):
+        super().__init__()
+        self.frozen = prefix is not None
+        if prefix is not None:
+            self.layers = prefix
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.frozen:
+            layer = self.layers[layer_idx]
+            return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
+        if layer_idx < len(self.layers) and self.layers[layer_idx].get_seq_length() > 0:
+            return key_states, value_states
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def reader(self) -> PrefixCache:
+        """A cache for any number of response passes over this prompt (it shares the recorded tensors)."""
+        if self.frozen or not self.layers:
+            raise ValueError("reader() needs a recording PrefixCache that a prompt pass has filled")
+        return PrefixCache(list(self.layers))
+
+
+@contextmanager
+def cache_through_checkpointing(layers) -> Iterator[None]:
+    """Let checkpointed decoder layers keep the cache they are given (transformers' ``_can_checkpoint_with_cache``,
+    for caches that only read), for passes whose caches are PrefixCaches. The flag is read when a layer runs
+    forward; backward's recompute replays that call as it was."""
+    layers = list(layers)
+    previous = [layer.__dict__.get("_can_checkpoint_with_cache") for layer in layers]
+    for layer in layers:
+        layer._can_checkpoint_with_cache = True
+    try:
+        yield
+    finally:
+        for layer, value in zip(layers, previous):
+            if value is None:
+                del layer._can_checkpoint_with_cache
+            else:
+                layer._can_checkpoint_with_cache = value
+
+
 @dataclass
 class PrefixBatch:
     """b pairs with k responses each, for prefix sharing through the KV cache (no prompt x prompt mask):
@@ -342,9 +400,10 @@ class PrefixBatch:
 
     def response_inputs(self, prompt_cache, responses: int | None = None, implementation: str = "sdpa",
                         dtype: torch.dtype = torch.float32) -> dict:
-        """AVLLM arguments of the response pass over the prompt pass's cache (``AVOutput.cache``), used as it is:
-        the response pass appends its own keys / values to it (so use a prompt cache for one response pass). The
-        prompt's keys / values stay in the autograd graph, so the responses' gradients reach the prompt pass."""
+        """AVLLM arguments of the response pass over the prompt pass's cache: a ``PrefixCache.reader()``, which
+        leaves the prompt's keys / values as they are (an ordinary cache gets the responses appended, so it serves
+        one response pass). The prompt's keys / values stay in the autograd graph, so the responses' gradients
+        reach the prompt pass."""
         k = self._k(responses)
         cols = k * self.slot
         keep = self.response_segment < k * self.pairs
