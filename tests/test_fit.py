@@ -215,3 +215,39 @@ def test_attn_implementation_reaches_the_decoder_and_keeps_the_loss(tiny_base, s
         results[impl] = loss.detach(), module.model.lm_head.weight.grad.clone()
     torch.testing.assert_close(results["eager"][0], results["sdpa"][0], atol=1e-5, rtol=0)
     torch.testing.assert_close(results["eager"][1], results["sdpa"][1], atol=1e-5, rtol=1e-4)
+
+
+def test_activation_checkpointing_keeps_loss_and_gradients_and_leaves_frozen_encoders_out_of_backward(tiny_base,
+                                                                                                      synthav):
+    """The 7B recipes train with activation checkpointing: the loss and every gradient equal those without it,
+    the decoder layers are recomputed in backward, and the frozen vision blocks and Whisper layers build no graph
+    (transformers' input-grad hooks made them run backward for nothing)."""
+    proc = AVProcessor.from_pretrained(tiny_base)
+    batch = proc.collate([proc(r) for r in read_manifest(synthav / "train.jsonl")[:2]])
+    results = {}
+    for checkpointing in (False, True):
+        torch.manual_seed(0)  # the same LoRA A
+        module = SFTModule(base=str(tiny_base), stage="sft", lora=LoraSettings(r=4, alpha=8, dropout=0.0),
+                           activation_checkpointing=checkpointing)
+        module.configure_model()
+        model = module.model
+        torch.manual_seed(1)
+        for name, param in model.named_parameters():  # LoRA B = 0 would leave A without a gradient
+            if "lora_B" in name:
+                param.data.normal_(std=0.1)
+        graph, attention_calls = {}, []
+        for name, part in (("vision", model.visual.blocks[-1]), ("whisper", model.whisper.layers[-1])):
+            part.register_forward_hook(lambda m, i, o, name=name: graph.__setitem__(
+                name, (o[0] if isinstance(o, tuple) else o).requires_grad))
+        model.llm.layers[0].self_attn.register_forward_hook(lambda *_: attention_calls.append(1))
+        loss = module(batch).loss
+        loss.backward()
+        assert graph == {"vision": False, "whisper": False}, graph
+        assert len(attention_calls) == (2 if checkpointing else 1)
+        results[checkpointing] = loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                                  if p.grad is not None}
+    (loss, grads), (ckpt_loss, ckpt_grads) = results[False], results[True]
+    torch.testing.assert_close(ckpt_loss, loss, atol=1e-6, rtol=0)
+    assert grads.keys() == ckpt_grads.keys() and any("lora_A" in n for n in grads) and any("merger" in n for n in grads)
+    for name in grads:
+        torch.testing.assert_close(ckpt_grads[name], grads[name], atol=1e-6, rtol=1e-5, msg=name)

@@ -90,6 +90,11 @@ def build_trainable_model(base: str, trainable: tuple[str, ...], lora: LoraSetti
     set_trainable(model, trainable)
     if activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers also hooks every sub-model's input embeddings (the LLM's tokens, the vision tower's patch
+        # embedding, Whisper's first conv) so that their outputs require grad: reentrant checkpointing needs that
+        # to reach adapters. Non-reentrant checkpointing does not, and with the hooks the frozen vision tower and
+        # Whisper encoder ran their backward (and recompute) on every step for no gradient.
+        model.disable_input_require_grads()
     return model, processor
 
 
