@@ -232,8 +232,20 @@ def media_tokens(sample: dict[str, Any], processor) -> int:
 
 
 def preference_batch(processor, settings: Settings) -> tuple[dict[str, Any], dict[str, int]]:
+    """``pairs`` preference samples (``preference_samples``), collated, and the prompt's token counts."""
+    samples = preference_samples(processor, settings)
+    batch = processor.collate_preference(samples)
+    media = media_tokens(samples[0], processor)
+    info = {"prompt_tokens": settings.prompt_len, "media_tokens": media, "clip_seconds": samples[0]["clip_seconds"],
+            "frame_side": settings.side, "text_prompt_tokens": settings.prompt_len - media,
+            "stacked_rows": int(batch["input_ids"].shape[0]), "stacked_length": int(batch["input_ids"].shape[1])}
+    return batch, info
+
+
+def preference_samples(processor, settings: Settings) -> list[dict[str, Any]]:
     """``pairs`` preference samples whose prompts are exactly ``prompt_len`` tokens (media + chat template + text)
-    and whose chosen / rejected / gt responses are exactly ``response_len`` labelled tokens; collated."""
+    and whose chosen / rejected / gt responses are exactly ``response_len`` labelled tokens (each sample also
+    names its clip's length, ``clip_seconds``)."""
     g = torch.Generator().manual_seed(settings.seed)
     words = filler_words(processor.tokenizer)
     responses = {name: words_text(words, settings.response_len - 1, g) for name in ("chosen", "rejected", "gt")}
@@ -267,13 +279,8 @@ def preference_batch(processor, settings: Settings) -> tuple[dict[str, Any], dic
             labelled = int((sample[name]["labels"] != -100).sum())
             if labelled != settings.response_len:
                 raise RuntimeError(f"{name} has {labelled} labelled tokens, not {settings.response_len}")
-        samples.append(sample)
-    batch = processor.collate_preference(samples)
-    media = media_tokens(samples[0], processor)
-    info = {"prompt_tokens": settings.prompt_len, "media_tokens": media, "clip_seconds": seconds,
-            "frame_side": settings.side, "text_prompt_tokens": settings.prompt_len - media,
-            "stacked_rows": int(batch["input_ids"].shape[0]), "stacked_length": int(batch["input_ids"].shape[1])}
-    return batch, info
+        samples.append({**sample, "clip_seconds": seconds})
+    return samples
 
 
 def trl_texts(tokenizer, settings: Settings) -> dict[str, str]:
@@ -285,11 +292,37 @@ def trl_texts(tokenizer, settings: Settings) -> dict[str, str]:
             "rejected": " " + words_text(words, settings.response_len - 1, g)}
 
 
-def prepare(settings: Settings, workdir: Path) -> dict[str, Any]:
-    """Write the base, the collated batch and TRL's texts under ``workdir``; return the prompt's token counts."""
+# A base directory kept between runs (--base-cache) is built for prompts up to this many tokens, so that one
+# build serves 1k, 4k and 16k (RoPE has no position table: the setting only bounds the sequence length).
+CACHED_BASE_POSITIONS = 2 * 16384
+
+
+def base_dir(settings: Settings, directory: Path) -> Path:
+    """The random base of ``settings`` in ``directory``: built there, or reused when an earlier run built the same
+    model (sizes, seed, vocabulary; recorded in bench_base.json) for prompts at least this long."""
+    key = {"model": settings.model, "seed": settings.seed, "vocab": settings.vocab, "dtype": str(settings.dtype),
+           "positions": max(CACHED_BASE_POSITIONS, 2 * settings.prompt_len)}
+    record = directory / "bench_base.json"
+    if record.exists():
+        built = json.loads(record.read_text())
+        if {k: v for k, v in built.items() if k != "positions"} == {k: v for k, v in key.items() if k != "positions"} \
+                and built["positions"] >= 2 * settings.prompt_len:
+            return directory
+    build_base(replace(settings, prompt_len=key["positions"] // 2), directory)
+    record.write_text(json.dumps(key))
+    return directory
+
+
+def prepare(settings: Settings, workdir: Path, base_cache: Path | None = None) -> dict[str, Any]:
+    """Write the base (or link the one in ``base_cache``), the collated batch and TRL's texts under ``workdir``;
+    return the prompt's token counts."""
     from src.models.processor import AVProcessor
 
-    base = build_base(settings, workdir / "base")
+    if base_cache is None:
+        base = build_base(settings, workdir / "base")
+    else:
+        base = workdir / "base"
+        base.symlink_to(base_dir(settings, base_cache).resolve(), target_is_directory=True)
     processor = AVProcessor.from_pretrained(base)
     batch, info = preference_batch(processor, settings)
     torch.save(batch, workdir / "batch.pt")
@@ -481,16 +514,22 @@ def causal_lm_from(av_model, dtype: torch.dtype):
                          rms_norm_eps=text.rms_norm_eps, attention_dropout=0.0, tie_word_embeddings=tied,
                          rope_parameters={"rope_type": "default", "rope_theta": text.rope_parameters["rope_theta"]},
                          bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id)
-    model = Qwen2ForCausalLM._from_config(config, attn_implementation="sdpa", dtype=dtype)
-    state = {"model." + k: v for k, v in av_model.llm.state_dict().items()}
-    state["lm_head.weight"] = av_model.lm_head.weight
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    # Built on the meta device and given copies of the weights: a random init of a 7B on CPU takes minutes.
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM._from_config(config, attn_implementation="sdpa", dtype=dtype)
+    state = {"model." + k: v.detach().to(dtype, copy=True) for k, v in av_model.llm.state_dict().items()}
+    state["lm_head.weight"] = av_model.lm_head.weight.detach().to(dtype, copy=True)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if not k.endswith("inv_freq")]
     if missing or unexpected:
         raise RuntimeError(f"LLM weights do not map onto Qwen2ForCausalLM: missing {missing[:5]}, "
                            f"unexpected {unexpected[:5]}")
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)  # its inv_freq buffer, off the meta device
     if tied:
         model.tie_weights()
+    left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"Qwen2ForCausalLM tensors left on the meta device: {left[:5]}")
     return model
 
 
@@ -761,6 +800,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "so the resident set follows the live tensors) or rss (the timed run's resident set)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per path")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--base-cache", type=Path, default=None,
+                        help="directory holding (or to receive) the random base, kept for later runs (the 7B's "
+                             "takes a minute to build and write); default: built afresh in a temporary directory")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--child", choices=PATHS, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -789,12 +831,13 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return Settings(**values)
 
 
-def benchmark(settings: Settings, paths: list[str], timeout: float | None = None) -> dict[str, Any]:
+def benchmark(settings: Settings, paths: list[str], timeout: float | None = None,
+              base_cache: Path | None = None) -> dict[str, Any]:
     """Prepare the shared inputs once, run each path in its own subprocess, assemble the report."""
     with tempfile.TemporaryDirectory(prefix="dpo-step-") as tmp:
         workdir = Path(tmp)
         start = time.perf_counter()
-        prompt = prepare(settings, workdir)
+        prompt = prepare(settings, workdir, base_cache)
         prepare_s = time.perf_counter() - start
         results = {path: spawn(path, settings, workdir, timeout) for path in paths}
     sizes = MODELS[settings.model]
@@ -814,7 +857,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         child_main(args)
         return
-    report = benchmark(settings_from(args), args.paths, args.timeout)
+    report = benchmark(settings_from(args), args.paths, args.timeout, args.base_cache)
     print(json.dumps(report) if args.json else table(report))
 
 
