@@ -25,6 +25,7 @@ from src.models.aligner import AlignerConfig, WindowQFormer, encoder_windows
 from src.losses.logprobs import (head_token_logps, mean_response_ce, mean_response_ce_from_logps, response_positions,
                                  scatter_response_logps)
 from src.models.audio import AudioSettings
+from src.models.vision_attention import use_grouped_window_attention
 
 
 @strict
@@ -99,6 +100,7 @@ class AVLLM(PreTrainedModel):
         # for batches that pass video_keys (inside forward, so FSDP2 has gathered the root's parameters)
         self.video_cache = None
         self.post_init()
+        use_grouped_window_attention(self.visual.config)  # one SDPA call per window length, not per window
 
     # -- parts -------------------------------------------------------------------------------------------
     @property
