@@ -4,12 +4,17 @@ bench/dpo_step.py's base cache is reused only for the model it was built for. Ti
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
 from bench import dpo_step, sft_step
 from src.models.processor import AVProcessor
 
+ROOT = Path(__file__).resolve().parents[1]
 PROMPT, RESPONSE = 256, 32
 
 
@@ -20,8 +25,17 @@ def test_sft_batch_lengths_and_a_fsdp2_run(tmp_path):
     batch, info = sft_step.sft_batch(AVProcessor.from_pretrained(base), settings)
     assert batch["input_ids"].shape == (2, PROMPT + RESPONSE) and info["tokens"] == 2 * (PROMPT + RESPONSE)
     assert info["response_tokens"] == 2 * RESPONSE and 0 < info["media_tokens"] < 2 * PROMPT
-    result = sft_step.run(settings, "fsdp2", base)
+    # the Lightning run in its own process: its process group and rendezvous port stay out of this one
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "sft_step.py"), "--prompt-len", str(PROMPT),
+                           "--response-len", str(RESPONSE), "--batch", "2", "--steps", "1", "--warmup", "1",
+                           "--base-cache", str(base), "--json"], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    result = report["sft"]
+    assert report["settings"]["prepare_s"] < 5  # the base came from the cache
     assert result["fsdp2"] and result["tokens_per_s"] > 0 and len(result["step_s"]) == 2
+    assert result["tokens"] == info["tokens"] and result["response_tokens"] == info["response_tokens"]
     assert all(torch.isfinite(torch.tensor(result["losses"]))) and result["trainable_params"] > 0
 
 

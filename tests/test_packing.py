@@ -14,6 +14,7 @@ from src.lit.dpo import DPOModule, media_inputs, model_call, response_rows
 from src.losses.logprobs import IGNORE_INDEX, token_logps
 from src.models.lora import LoraSettings
 from src.models.packing import PADDING, PROMPT, pack_preference, pack_rows, prefix_batch
+from src.models.vision_attention import NAME as VISION_ATTENTION
 from tests.test_dpo_module import perturb
 
 ATOL = 1e-5
@@ -333,7 +334,7 @@ def test_llm_attention_setting_switches_the_decoder_kernel_only(tiny_base, clips
         torch.manual_seed(0)  # the same fresh LoRA A in both modules
         module = module_for(tiny_base, llm_attention=kernel, prefix_sharing=prefix_sharing)
         assert module.model.llm.config._attn_implementation == kernel
-        assert module.model.visual.config._attn_implementation == "sdpa"
+        assert module.model.visual.config._attn_implementation == VISION_ATTENTION  # the tower keeps its own
         with torch.no_grad():
             values[kernel] = module.preference_forward(batch)
     for key, value in values["sdpa"].items():
