@@ -300,16 +300,15 @@ CACHED_BASE_POSITIONS = 2 * 16384
 def base_dir(settings: Settings, directory: Path) -> Path:
     """The random base of ``settings`` in ``directory``: built there, or reused when an earlier run built the same
     model (sizes, seed, vocabulary; recorded in bench_base.json) for prompts at least this long."""
-    key = {"model": settings.model, "seed": settings.seed, "vocab": settings.vocab, "dtype": str(settings.dtype),
-           "positions": max(CACHED_BASE_POSITIONS, 2 * settings.prompt_len)}
+    model = {"model": settings.model, "seed": settings.seed, "vocab": settings.vocab, "dtype": str(settings.dtype)}
     record = directory / "bench_base.json"
     if record.exists():
         built = json.loads(record.read_text())
-        if {k: v for k, v in built.items() if k != "positions"} == {k: v for k, v in key.items() if k != "positions"} \
-                and built["positions"] >= 2 * settings.prompt_len:
+        if built.pop("positions") >= 2 * settings.prompt_len and built == model:
             return directory
-    build_base(replace(settings, prompt_len=key["positions"] // 2), directory)
-    record.write_text(json.dumps(key))
+    positions = max(CACHED_BASE_POSITIONS, 2 * settings.prompt_len)
+    build_base(replace(settings, prompt_len=positions // 2), directory)
+    record.write_text(json.dumps({**model, "positions": positions}))
     return directory
 
 

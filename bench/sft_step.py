@@ -40,8 +40,10 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+import lightning.pytorch as pl  # noqa: E402
+
 from bench.dpo_step import (LORA_ALPHA, LORA_R, LORA_TARGETS, MODELS, PeakMemory, Settings, base_dir,  # noqa: E402
-                            machine, preference_samples, sync)
+                            machine, media_tokens, preference_samples, sync)
 
 SFT_LR = 2e-5  # the 7B SFT recipe's
 
@@ -49,50 +51,41 @@ SFT_LR = 2e-5  # the 7B SFT recipe's
 def sft_batch(processor, settings: Settings) -> tuple[dict[str, Any], dict[str, Any]]:
     """``settings.pairs`` SFT samples (a clip + prompt of prompt_len tokens, the gt caption of response_len
     labelled tokens), collated, and their token counts."""
-    samples, seconds = [], None
-    for sample in preference_samples(processor, settings):
-        media = {k: v for k, v in sample.items() if k not in ("chosen", "rejected", "gt", "clip_seconds")}
-        samples.append({**media, **sample["gt"]})
-        seconds = sample["clip_seconds"]
+    pairs = preference_samples(processor, settings)
+    samples = [{**{k: v for k, v in p.items() if k not in ("chosen", "rejected", "gt", "clip_seconds")}, **p["gt"]}
+               for p in pairs]
     batch = processor.collate(samples)
     ids = batch["input_ids"]
     info = {"rows": int(ids.shape[0]), "row_tokens": int(ids.shape[1]), "tokens": int(batch["attention_mask"].sum()),
             "response_tokens": int((batch["labels"] != -100).sum()),
-            "media_tokens": int(((ids == processor.video_token_id) | (ids == processor.audio_token_id)).sum()),
-            "clip_seconds": seconds}
+            "media_tokens": sum(media_tokens(p, processor) for p in pairs), "clip_seconds": pairs[0]["clip_seconds"]}
     return batch, info
 
 
-class StepTimer:
-    """Lightning callback: wall time of each training batch (forward, backward, clipping, optimizer step), the
-    device synchronised at both ends; peak memory over the batches from ``warmup`` on."""
+class StepTimer(pl.Callback):
+    """Wall time of each training batch (forward, backward, clipping, optimizer step), the device synchronised at
+    both ends; peak memory over the batches from ``warmup`` on."""
 
     def __init__(self, device: str, warmup: int):
-        import lightning.pytorch as pl
-
-        timer = self
-
-        class Callback(pl.Callback):
-            def on_train_batch_start(self, trainer, module, batch, batch_idx):
-                if batch_idx == warmup:
-                    timer.memory.start()
-                sync(device)
-                timer.start = time.perf_counter()
-
-            def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-                sync(device)
-                timer.times.append(time.perf_counter() - timer.start)
-                timer.losses.append(float(outputs["loss"]) if isinstance(outputs, dict) else float(outputs))
-
-        self.callback = Callback()
+        self.device, self.warmup = device, warmup
         self.memory = PeakMemory(device)
         self.times: list[float] = []
         self.losses: list[float] = []
         self.start = 0.0
 
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if batch_idx == self.warmup:
+            self.memory.start()
+        sync(self.device)
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        sync(self.device)
+        self.times.append(time.perf_counter() - self.start)
+        self.losses.append(float(outputs["loss"]) if isinstance(outputs, dict) else float(outputs))
+
 
 def run(settings: Settings, strategy: str, base: Path) -> dict[str, Any]:
-    import lightning.pytorch as pl
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     from src.lit.sft import SFTModule
@@ -113,7 +106,7 @@ def run(settings: Settings, strategy: str, base: Path) -> dict[str, Any]:
         precision="bf16-mixed" if settings.device == "cuda" else "32-true",
         strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1) if fsdp else "auto",
         gradient_clip_val=1.0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, callbacks=[timer.callback])
+        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, callbacks=[timer])
     try:
         trainer.fit(module, train_dataloaders=loader)
     finally:  # the one-rank process group ModelParallelStrategy started (a caller may start another)
