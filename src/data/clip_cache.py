@@ -38,6 +38,16 @@ def _file_stamp(path: str | None) -> list | None:
     return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
 
 
+def media_file_key(video: str | None, audio: str | None, sampling: FrameSampling, use_audio: bool,
+                   sample_rate: int) -> str:
+    """What a decode of these files with these settings returns, as a hex key: the files' absolute paths, sizes and
+    modification times, and the settings. A stat() of each file per call: cheap next to a decode, and it catches
+    files rewritten in place. OSError when a file is missing."""
+    fields = {"video": _file_stamp(video), "audio": _file_stamp(audio), "sampling": asdict(sampling),
+              "use_audio": use_audio, "sample_rate": sample_rate}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
 class ClipCache:
     """``get(video, audio, sampling=..., use_audio=..., sample_rate=..., decode=load_clip)`` -> AVClip."""
 
@@ -47,10 +57,7 @@ class ClipCache:
 
     def key(self, video: str | None, audio: str | None, sampling: FrameSampling, use_audio: bool,
             sample_rate: int) -> str:
-        """A stat() of each file per call: cheap next to a decode, and it catches files rewritten in place."""
-        fields = {"video": _file_stamp(video), "audio": _file_stamp(audio), "sampling": asdict(sampling),
-                  "use_audio": use_audio, "sample_rate": sample_rate}
-        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+        return media_file_key(video, audio, sampling, use_audio, sample_rate)
 
     def path(self, key: str) -> Path:
         return self.directory / key[:2] / f"{key}.safetensors"

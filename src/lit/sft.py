@@ -10,8 +10,9 @@ embedded default whose tiny base starts from random weights). Loss: per-example 
 tokens, averaged over the batch (src.losses.logprobs.mean_response_ce), read through the response-only LM head:
 no (b, s, v) logits exist in a step (the model's ``return_logits=False``). AdamW, linear warm-up then cosine decay
 over the run's optimizer steps. Logs train/loss, train/lr, train/tokens_per_s, train/grad_norm, val/loss.
-``cache_video_tokens``: with a frozen vision path, each clip's video tokens are computed once and reused
-(src.models.video_cache). ``attn_implementation``: the decoder's attention kernel ("sdpa", "eager", ...; None
+``cache_video_tokens`` / ``cache_audio_states``: with a frozen vision path / Whisper encoder, each clip's video
+tokens / Whisper states are computed once and reused, and a clip whose every part is stored is no longer decoded or
+featurised (src.models.media_cache). ``attn_implementation``: the decoder's attention kernel ("sdpa", "eager", ...; None
 keeps SDPA, which the base loads with).
 """
 
@@ -27,7 +28,7 @@ import torch
 
 from src.models.build import load_base
 from src.models.lora import LoraSettings, attach_lora
-from src.models.video_cache import FrozenVideoCache, video_keys
+from src.models.media_cache import FrozenMediaCache
 
 Stage = Literal["align", "sft", "rebirth"]
 TRAINABLE_PARTS = ("lora", "aligner", "merger", "llm", "vision", "whisper")
@@ -37,7 +38,8 @@ STAGE_TRAINABLE: dict[str, tuple[str, ...]] = {
     "rebirth": ("lora", "aligner", "merger"),
 }
 MODEL_INPUTS = ("input_ids", "labels", "attention_mask", "position_ids", "pixel_values_videos", "video_grid_thw",
-                "input_features", "audio_chunks", "audio_windows")
+                "input_features", "audio_chunks", "audio_windows", "video_keys", "video_tokens", "audio_keys",
+                "audio_states")
 
 
 @dataclass
@@ -126,7 +128,7 @@ class SFTModule(pl.LightningModule):
     def __init__(self, base: str, stage: Stage = "sft", trainable: list[str] | None = None,
                  lora: LoraSettings = LoraSettings(), lr: float = 2e-5, optim: OptimSettings = OptimSettings(),
                  activation_checkpointing: bool = False, cache_video_tokens: bool = False,
-                 attn_implementation: str | None = None):
+                 cache_audio_states: bool = False, attn_implementation: str | None = None):
         super().__init__()
         if stage not in STAGE_TRAINABLE:
             raise ValueError(f"stage must be one of {tuple(STAGE_TRAINABLE)}, got {stage!r}")
@@ -136,7 +138,8 @@ class SFTModule(pl.LightningModule):
         self.optim = optim if isinstance(optim, OptimSettings) else OptimSettings(**optim)
         self.trainable = tuple(trainable) if trainable is not None else STAGE_TRAINABLE[stage]
         self.activation_checkpointing = activation_checkpointing
-        self.video_cache = FrozenVideoCache() if cache_video_tokens else None
+        parts = [part for part, on in (("video", cache_video_tokens), ("audio", cache_audio_states)) if on]
+        self.media_cache = FrozenMediaCache(parts) if parts else None
         self.attn_implementation = attn_implementation
         self.model = None
         self.processor = None
@@ -152,15 +155,19 @@ class SFTModule(pl.LightningModule):
         if self.attn_implementation is not None:
             self.model.llm.set_attn_implementation(self.attn_implementation)
         shard_under_model_parallel(self, self.model)
-        if self.video_cache is not None:
-            self.video_cache.check_frozen(self.model)
-            self.model.video_cache = self.video_cache
+        if self.media_cache is not None:
+            self.media_cache.check_frozen(self.model)
+            self.model.media_cache = self.media_cache
+
+    def on_fit_start(self) -> None:
+        """The DataModule's processor serves clips the media cache holds from it (in this process: workers' copies
+        of the processor only key their rows)."""
+        processor = getattr(self.trainer.datamodule, "processor", None)
+        if self.media_cache is not None and hasattr(processor, "use_media_cache"):
+            processor.use_media_cache(self.media_cache)
 
     def forward(self, batch: dict[str, Any]):
-        inputs = model_inputs(batch)
-        if self.video_cache is not None and "pixel_values_videos" in batch:
-            inputs["video_keys"] = video_keys(batch, self.model.config.qwen_config.video_token_id)
-        return self.model(**inputs, return_logits=False)
+        return self.model(**model_inputs(batch), return_logits=False)
 
     # -- steps ---------------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:

@@ -25,6 +25,7 @@ from src.models.aligner import AlignerConfig, WindowQFormer, encoder_windows
 from src.losses.logprobs import (head_token_logps, mean_response_ce, mean_response_ce_from_logps, response_positions,
                                  scatter_response_logps)
 from src.models.audio import AudioSettings
+from src.models.media_cache import gather_media
 from src.models.vision_attention import use_grouped_window_attention
 
 
@@ -96,9 +97,10 @@ class AVLLM(PreTrainedModel):
         self.aligner = WindowQFormer(AlignerConfig.from_dict(config.aligner), encoder_dim=config.whisper_config.d_model,
                                      llm_dim=config.qwen_config.text_config.hidden_size)
         self.audio_settings = AudioSettings(**config.audio)
-        # src.models.video_cache.FrozenVideoCache when the trainer sets one; embed() reads video tokens through it
-        # for batches that pass video_keys (inside forward, so FSDP2 has gathered the root's parameters)
-        self.video_cache = None
+        # src.models.media_cache.FrozenMediaCache when the trainer sets one: embed() stores and reads the frozen
+        # encoders' outputs through it for media with keys (inside forward, so FSDP2 has gathered the root's
+        # parameters)
+        self.media_cache = None
         self.post_init()
         use_grouped_window_attention(self.visual.config)  # one SDPA call per window length, not per window
 
@@ -131,39 +133,85 @@ class AVLLM(PreTrainedModel):
         out = self.visual(pixel_values_videos.to(self.visual.dtype), grid_thw=video_grid_thw)
         return out.pooler_output
 
-    def audio_embeddings(self, input_features: torch.Tensor, audio_chunks: list[int],
-                         audio_windows: list[int]) -> torch.Tensor:
+    def audio_embeddings(self, input_features: torch.Tensor | None, audio_chunks: list[int],
+                         audio_windows: list[int], audio_states: list[torch.Tensor | None] | None = None,
+                         audio_keys: list[str | None] | None = None) -> torch.Tensor:
         """(chunks, n_mels, frames) -> (windows, d): one token per real 0.5 s window of every audio, in order.
 
         ``audio_chunks[i]`` Whisper chunks belong to audio i, of which the first ``audio_windows[i]`` windows are
-        real; windows over the zero padding of the last chunk are dropped here.
+        real; windows over the zero padding of the last chunk are dropped here. ``audio_states`` / ``audio_keys``:
+        see ``encoder_states``.
         """
-        frames = self.whisper(input_features.to(self.whisper.dtype)).last_hidden_state
-        per_audio = torch.split(frames, list(audio_chunks))
+        states = self.encoder_states(input_features, audio_chunks, audio_states, audio_keys)
         fpw = self.audio_settings.frames_per_window
-        windows = torch.cat([encoder_windows(f, n, fpw) for f, n in zip(per_audio, audio_windows)])
+        device = next(self.aligner.parameters()).device
+        windows = torch.cat([encoder_windows(f.to(device), n, fpw) for f, n in zip(states, audio_windows)])
         return self.aligner(windows.to(next(self.aligner.parameters()).dtype))
+
+    def encoder_states(self, input_features: torch.Tensor | None, audio_chunks: list[int],
+                       audio_states: list[torch.Tensor | None] | None = None,
+                       audio_keys: list[str | None] | None = None) -> list[torch.Tensor]:
+        """Whisper's last hidden states (chunks, frames, d) of each audio. ``audio_states[i]``: audio i's states,
+        given by the batch (``input_features`` then holds the chunks of the other audios only); ``audio_keys``:
+        media keys under which ``media_cache`` stores and finds them."""
+        n = len(audio_chunks)
+        missing = [i for i in range(n) if audio_states is None or audio_states[i] is None]
+        features = dict(zip(missing, torch.split(input_features, [audio_chunks[i] for i in missing]))) if missing \
+            else {}
+
+        def encode(todo: list[int]) -> list[torch.Tensor]:
+            chunks = torch.cat([features[i] for i in todo]).to(self.whisper.dtype)
+            return list(torch.split(self.whisper(chunks).last_hidden_state, [audio_chunks[i] for i in todo]))
+
+        return self._gather("audio", audio_keys, audio_states, n, encode)
+
+    def video_tokens(self, pixel_values_videos: torch.Tensor | None, video_grid_thw: torch.Tensor,
+                     video_tokens: list[torch.Tensor | None] | None = None,
+                     video_keys: list[str | None] | None = None) -> list[torch.Tensor]:
+        """The merged visual tokens (tokens, d) of each video. ``video_tokens[i]``: video i's tokens, given by the
+        batch (``pixel_values_videos`` then holds the patches of the other videos only); ``video_keys``: media
+        keys under which ``media_cache`` stores and finds them."""
+        grids = video_grid_thw.view(-1, 3)
+        sizes = [int(g.prod()) for g in grids]
+        missing = [i for i in range(len(sizes)) if video_tokens is None or video_tokens[i] is None]
+        pixels = dict(zip(missing, torch.split(pixel_values_videos, [sizes[i] for i in missing]))) if missing else {}
+        merge = self.visual.config.spatial_merge_size
+
+        def encode(todo: list[int]) -> list[torch.Tensor]:
+            out = self.video_embeddings(torch.cat([pixels[i] for i in todo]), grids[todo])
+            return list(torch.split(out, [sizes[i] // merge ** 2 for i in todo]))
+
+        return self._gather("video", video_keys, video_tokens, len(sizes), encode)
+
+    def _gather(self, part: str, keys, given, count: int, encode) -> list[torch.Tensor]:
+        if self.media_cache is None:
+            return gather_media(None, keys, given, count, encode)[0]
+        if self.media_cache.caches(part):
+            self.media_cache.check_frozen(self)
+        return self.media_cache.gather(part, keys, given, count, encode)
 
     def embed(self, input_ids: torch.Tensor, pixel_values_videos: torch.Tensor | None = None,
               video_grid_thw: torch.Tensor | None = None, input_features: torch.Tensor | None = None,
               audio_chunks: list[int] | None = None, audio_windows: list[int] | None = None,
-              media_repeats: int = 1, video_keys: list[str] | None = None) -> torch.Tensor:
+              media_repeats: int = 1, video_keys: list[str | None] | None = None,
+              video_tokens: list[torch.Tensor | None] | None = None, audio_keys: list[str | None] | None = None,
+              audio_states: list[torch.Tensor | None] | None = None) -> torch.Tensor:
         """(b, s) ids -> (b, s, d) embeddings with the media features scattered in.
 
         ``media_repeats`` k: the rows are k blocks of b / k sequences, block j row i using sample i's media (e.g.
         the chosen, rejected and ground-truth responses of a preference batch). The encoders run once on the
-        samples' media and their features fill every block. ``video_keys`` (one sample id per video): read the
-        video tokens through ``self.video_cache`` (``video_cache.FrozenVideoCache``) when one is set."""
+        samples' media and their features fill every block. ``video_keys`` / ``audio_keys`` (one media key per
+        video / audio): store and read the encoders' outputs through ``self.media_cache``
+        (``media_cache.FrozenMediaCache``) when one is set; ``video_tokens`` / ``audio_states``: outputs the batch
+        brings (from the processor's side of that cache), None for media it brings as pixels / log-mel."""
         embeds = self.get_input_embeddings()(input_ids)
-        if pixel_values_videos is not None:
-            if video_keys is not None and self.video_cache is not None:
-                features = self.video_cache.tokens(self, pixel_values_videos, video_grid_thw, video_keys)
-            else:
-                features = self.video_embeddings(pixel_values_videos, video_grid_thw)
+        if video_grid_thw is not None and (pixel_values_videos is not None or video_tokens is not None):
+            features = torch.cat([t.to(embeds.device) for t in self.video_tokens(
+                pixel_values_videos, video_grid_thw, video_tokens, video_keys)])
             embeds = self._scatter(embeds, input_ids, self.config.qwen_config.video_token_id,
                                    features.repeat(media_repeats, 1), "video")
-        if input_features is not None and sum(audio_windows):
-            features = self.audio_embeddings(input_features, audio_chunks, audio_windows)
+        if audio_windows and sum(audio_windows) and (input_features is not None or audio_states is not None):
+            features = self.audio_embeddings(input_features, audio_chunks, audio_windows, audio_states, audio_keys)
             embeds = self._scatter(embeds, input_ids, self.config.audio_token_id,
                                    features.repeat(media_repeats, 1), "audio")
         return embeds
@@ -185,10 +233,12 @@ class AVLLM(PreTrainedModel):
                 inputs_embeds: torch.Tensor | None = None, cache: DynamicCache | None = None,
                 use_cache: bool = False, return_logits: bool = True, media_repeats: int = 1,
                 logp_index: torch.Tensor | None = None, logp_targets: torch.Tensor | None = None,
-                logp_chunk_size: int | None = None, video_keys: list[str] | None = None,
-                **_: object) -> AVOutput:
+                logp_chunk_size: int | None = None, video_keys: list[str | None] | None = None,
+                video_tokens: list[torch.Tensor | None] | None = None, audio_keys: list[str | None] | None = None,
+                audio_states: list[torch.Tensor | None] | None = None, **_: object) -> AVOutput:
         """position_ids (3, b, s) from the processor; labels (b, s) are the input ids with -100 outside the
-        response (shifted inside the loss); media_repeats, video_keys: see ``embed``.
+        response (shifted inside the loss); media_repeats and the media cache's arguments (video_keys, video_tokens,
+        audio_keys, audio_states): see ``embed``.
 
         Training reads log-probs without (b, s, v) logits: ``logp_index`` (N,) flat indices into the b * s hidden
         positions and ``logp_targets`` (N,) the tokens they predict give ``token_logps`` (N,) through the chunked
@@ -200,7 +250,8 @@ class AVLLM(PreTrainedModel):
                              "silently drop the time axis of M-RoPE")
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids, pixel_values_videos, video_grid_thw, input_features, audio_chunks,
-                                       audio_windows, media_repeats, video_keys)
+                                       audio_windows, media_repeats, video_keys, video_tokens, audio_keys,
+                                       audio_states)
         out = self.llm(inputs_embeds=inputs_embeds, position_ids=position_ids, attention_mask=attention_mask,
                        cache=cache, use_cache=use_cache)
         hidden = out.last_hidden_state

@@ -20,10 +20,11 @@ import torch
 import transformers
 
 from src.data.manifest import PreferenceRow
-from src.data.clip_cache import ClipCache, load_clip_cached
+from src.data.clip_cache import ClipCache, load_clip_cached, media_file_key
 from src.data.media import AVClip, FrameSampling
 from src.losses.logprobs import IGNORE_INDEX
 from src.models.audio import AudioSettings, log_mel_chunks, num_windows
+from src.models.media_cache import FrozenMediaCache
 from src.models.layout import AVLayout, VideoGrid, sequence_positions, span_token_types
 from src.models.tokenizer import DEFAULT_SYSTEM, chat_ids, special_ids
 
@@ -99,6 +100,11 @@ class AVProcessor:
         # token sequences already built, by (layout, prompt, response): a clip's sequence is the same every epoch,
         # and building it (tokenizing, M-RoPE positions) was a third of a tiny SFT sample's processing time
         self._sequences: dict[tuple, dict[str, Any]] = {}
+        # a model's FrozenMediaCache (use_media_cache): rows get media keys, and a clip whose every part is stored
+        # there is neither decoded nor featurised again; _layouts keeps what its sample needs besides the features
+        self.media_cache: FrozenMediaCache | None = None
+        self.media_keys = False
+        self._layouts: dict[str, dict[str, Any]] = {}
         ids = special_ids(tokenizer)
         self.video_token_id, self.audio_token_id = ids["<|video_pad|>"], ids["<|audio_pad|>"]
         self.eos_token_id, self.pad_token_id = ids["<|im_end|>"], ids["<|endoftext|>"]
@@ -108,7 +114,14 @@ class AVProcessor:
                              f"sampling.multiple is {self.settings.sampling.multiple}")
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_sequences": {}}  # DataLoader workers build their own memo, not a copy of ours
+        # DataLoader workers build their own memos, not copies of ours, and get no media cache: a copy would never
+        # see what the model stores later (they still key their rows, so the model's side of the cache works)
+        return {**self.__dict__, "_sequences": {}, "_layouts": {}, "media_cache": None}
+
+    def use_media_cache(self, cache: FrozenMediaCache | None) -> None:
+        """Key every row's media and serve stored encoder outputs from ``cache`` (the model's; None: stop)."""
+        self.media_cache, self.media_keys = cache, cache is not None
+        self._layouts.clear()
 
     # -- media -------------------------------------------------------------------------------------------
     def video_inputs(self, frames: torch.Tensor, frame_times: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
@@ -145,13 +158,14 @@ class AVProcessor:
     def _media(self, clip: AVClip | None) -> tuple[dict[str, Any], list[AVLayout], list[int]]:
         """Media inputs of one sample, its layout spans and the span's placeholder ids."""
         sample: dict[str, Any] = {"pixel_values_videos": None, "video_grid_thw": None, "input_features": None,
-                                  "audio_windows": 0}
+                                  "audio_windows": 0, "audio_chunks": 0}
         grid = None
         if clip is not None and clip.frames is not None:
             sample["pixel_values_videos"], sample["video_grid_thw"], grid = self.video_inputs(clip.frames,
                                                                                               clip.frame_times)
         if clip is not None and clip.audio is not None and clip.audio.numel():
             sample["input_features"], sample["audio_windows"] = self.audio_inputs(clip.audio)
+            sample["audio_chunks"] = sample["input_features"].shape[0]
         spans = []
         span_ids: list[int] = []
         if grid is not None or sample["audio_windows"]:
@@ -197,14 +211,45 @@ class AVProcessor:
     def __call__(self, row) -> dict[str, Any]:
         """A manifest row -> decoded, encoded sample (runs in DataLoader workers; media errors propagate as
         BadSampleError for the stream to quarantine)."""
-        clip = self.load_clip(row.video, row.audio, use_audio=row.use_audio)
         if isinstance(row, PreferenceRow):
+            clip = self.load_clip(row.video, row.audio, use_audio=row.use_audio)
             sample = self.encode_preference(clip, row.prompt, {name: getattr(row, name) for name in RESPONSES})
             sample["ref_chosen_logp"], sample["ref_rejected_logp"] = row.ref_chosen_logp, row.ref_rejected_logp
         else:
-            sample = self.encode(clip, row.prompt, getattr(row, "caption", None))
+            sample, spans, span_ids = self._row_media(row)
+            sample.update(self._sequence(spans, span_ids, row.prompt, getattr(row, "caption", None)))
         sample["id"] = row.id
         return sample
+
+    def _row_media(self, row) -> tuple[dict[str, Any], list[AVLayout], list[int]]:
+        """``_media`` of the row's clip. With media keys, the sample names its key ("media_key"); when the media
+        cache holds every part of the clip under it, the clip is not loaded: the sample brings the stored outputs
+        ("video_tokens", "audio_states") and the layout kept the first time, with no pixels or log-mel."""
+        key = None
+        if self.media_keys:
+            try:
+                key = f"{row.id}:" + media_file_key(row.video, row.audio, self.settings.sampling, row.use_audio,
+                                                    self.settings.audio.sample_rate)
+            except OSError:  # a missing file: load_clip raises its well-described error
+                key = None
+        kept = self._layouts.get(key) if key is not None else None
+        if kept is not None and self.media_cache is not None and self.media_cache.holds(key, kept["parts"]):
+            cache = self.media_cache
+            sample = {"pixel_values_videos": None, "video_grid_thw": kept["video_grid_thw"], "input_features": None,
+                      "audio_windows": kept["audio_windows"], "audio_chunks": kept["audio_chunks"],
+                      "video_tokens": cache.get("video", key), "audio_states": cache.get("audio", key),
+                      "media_key": key}
+            return sample, kept["spans"], kept["span_ids"]
+        sample, spans, span_ids = self._media(self.load_clip(row.video, row.audio, use_audio=row.use_audio))
+        if key is not None:
+            sample["media_key"] = key
+            if self.media_cache is not None and len(self._layouts) < SEQUENCE_MEMO:
+                parts = [part for part, present in (("video", sample["video_grid_thw"] is not None),
+                                                    ("audio", sample["audio_windows"] > 0)) if present]
+                self._layouts[key] = {"parts": parts, "video_grid_thw": sample["video_grid_thw"],
+                                      "audio_windows": sample["audio_windows"], "audio_chunks": sample["audio_chunks"],
+                                      "spans": spans, "span_ids": span_ids}
+        return sample, spans, span_ids
 
     # -- batches -----------------------------------------------------------------------------------------
     def collate(self, samples: list[dict[str, Any]], padding_side: str = "right") -> dict[str, Any]:
@@ -264,16 +309,19 @@ class AVProcessor:
 
     @staticmethod
     def _media_batch(samples: list[dict[str, Any]]) -> dict[str, Any]:
+        """Each part's inputs concatenated over the samples that have it. Samples that bring stored encoder outputs
+        instead (``_row_media``): "video_tokens" / "audio_states" list every video's / audio's output, None where
+        its pixels / log-mel are in the concatenated inputs; "video_keys" / "audio_keys" list the media keys."""
         batch: dict[str, Any] = {}
-        videos = [s for s in samples if s["pixel_values_videos"] is not None]
+        videos = [s for s in samples if s["video_grid_thw"] is not None]
         if videos:
-            batch["pixel_values_videos"] = torch.cat([s["pixel_values_videos"] for s in videos])
             batch["video_grid_thw"] = torch.stack([s["video_grid_thw"] for s in videos])
+            batch.update(_part_batch(videos, "video", "pixel_values_videos", "video_tokens"))
         audios = [s for s in samples if s["audio_windows"]]
         if audios:
-            batch["input_features"] = torch.cat([s["input_features"] for s in audios])
-            batch["audio_chunks"] = [s["input_features"].shape[0] for s in audios]
+            batch["audio_chunks"] = [s["audio_chunks"] for s in audios]
             batch["audio_windows"] = [s["audio_windows"] for s in audios]
+            batch.update(_part_batch(audios, "audio", "input_features", "audio_states"))
         return batch
 
     # -- persistence -------------------------------------------------------------------------------------
@@ -291,6 +339,22 @@ class AVProcessor:
             raise FileNotFoundError(f"{path}: no processor settings (is {directory} a directory written by "
                                     "src.models.build?)")
         return cls(load_tokenizer(directory), ProcessorSettings.from_dict(json.loads(path.read_text())))
+
+
+def _part_batch(samples: list[dict[str, Any]], part: str, inputs: str, outputs: str) -> dict[str, Any]:
+    """One media part of a batch, over the samples that have it: their ``inputs`` concatenated; ``outputs`` (each
+    sample's stored encoder output, None where its inputs are in the concatenation) when any sample brings one;
+    ``<part>_keys`` when any sample has a media key."""
+    batch: dict[str, Any] = {}
+    given = [s[inputs] for s in samples if s[inputs] is not None]
+    if given:
+        batch[inputs] = torch.cat(given)
+    if len(given) < len(samples):
+        batch[outputs] = [s.get(outputs) for s in samples]
+    keys = [s.get("media_key") for s in samples]
+    if any(k is not None for k in keys):
+        batch[f"{part}_keys"] = keys
+    return batch
 
 
 def load_tokenizer(directory: Path):

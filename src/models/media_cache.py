@@ -1,0 +1,88 @@
+"""Outputs of frozen media encoders, computed once per clip and reused in later epochs.
+
+When the vision path (tower + merger) or Whisper does not train (the embedded default's SFT: the tiny base's
+encoders were pretrained when the base was built), a clip's video tokens and Whisper states are the same every
+epoch, yet computing them, and decoding, patchifying and log-mel-ing the clip for them, was about a third of a tiny
+SFT step on CPU. ``FrozenMediaCache`` keeps them on CPU, per part ("video": the merger's tokens, "audio": Whisper's
+last hidden states, chunks x frames x d), keyed by the sample's media key: its id and the content key of its media
+files (paths, sizes, modification times and decode settings, ``clip_cache.media_file_key``), so a changed file is a
+new key, a miss, never a stale hit. 8,000 SynthAV clips take 131 MB of video tokens and 410 MB of Whisper states.
+
+Two ends share it, in one process:
+- the model (``AVLLM.embed`` with ``video_keys`` / ``audio_keys``) stores what it computes for keyed media and takes
+  stored entries for keys it meets again (``gather``);
+- the processor (``AVProcessor`` with ``media_cache`` set), once every part of a clip is stored, neither decodes nor
+  featurises it: its sample brings the stored features and the layout it kept the first time.
+
+DataLoader workers get no cache (each would hold a stale copy): with workers the processor does its full work and
+the model still skips the encoders. Nothing is saved in checkpoints; a resumed run computes the features again the
+first time it meets a clip (the same values, up to float summation order). Use it only with frozen encoders:
+``check_frozen`` refuses a cached part with trainable parameters, whose outputs change every step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+PARTS = ("video", "audio")
+
+
+class FrozenMediaCache:
+    def __init__(self, parts: Sequence[str] = PARTS):
+        unknown = set(parts) - set(PARTS)
+        if unknown or not parts:
+            raise ValueError(f"FrozenMediaCache parts must be a non-empty subset of {PARTS}, got {list(parts)}")
+        self.stores: dict[str, dict[str, torch.Tensor]] = {part: {} for part in parts}
+        self.hits = dict.fromkeys(parts, 0)
+        self.misses = dict.fromkeys(parts, 0)
+
+    def check_frozen(self, model) -> None:
+        encoders = {"video": ("vision path", model.visual), "audio": ("Whisper encoder", model.whisper)}
+        for part in self.stores:
+            what, module = encoders[part]
+            trainable = [n for n, p in module.named_parameters() if p.requires_grad]
+            if trainable:
+                raise ValueError(f"the {part} cache needs a frozen {what}, but {len(trainable)} of its parameters "
+                                 f"train (e.g. {trainable[0]}); leave it out of trainable or turn the cache off")
+
+    def caches(self, part: str) -> bool:
+        return part in self.stores
+
+    def get(self, part: str, key: str | None) -> torch.Tensor | None:
+        return self.stores[part].get(key) if key is not None and part in self.stores else None
+
+    def holds(self, key: str, parts: Sequence[str]) -> bool:
+        """Whether every one of ``parts`` is stored under ``key`` (False when one of them is not cached at all)."""
+        return all(part in self.stores and key in self.stores[part] for part in parts)
+
+    def gather(self, part: str, keys: Sequence[str | None] | None, given: Sequence[torch.Tensor | None] | None,
+               count: int, encode: Callable[[list[int]], list[torch.Tensor]]) -> list[torch.Tensor]:
+        """``gather_media`` over this cache's ``part`` store (none when the part is not cached), counting hits
+        (given or stored) and misses (computed)."""
+        out, computed = gather_media(self.stores.get(part), keys, given, count, encode)
+        if part in self.stores:
+            self.hits[part] += count - computed
+            self.misses[part] += computed
+        return out
+
+
+def gather_media(store: dict[str, torch.Tensor] | None, keys: Sequence[str | None] | None,
+                 given: Sequence[torch.Tensor | None] | None, count: int,
+                 encode: Callable[[list[int]], list[torch.Tensor]]) -> tuple[list[torch.Tensor], int]:
+    """The features of ``count`` items in order, and how many were computed: item i's ``given[i]`` (the batch
+    brought it), else ``store[keys[i]]``, else computed by ``encode(indices)`` (one call for all of those) and
+    stored when the item has a key and there is a store."""
+    out = list(given) if given is not None else [None] * count
+    if len(out) != count or (keys is not None and len(keys) != count):
+        raise ValueError(f"{count} media items, {len(out)} given features, {'no' if keys is None else len(keys)} keys")
+    if store is not None and keys is not None:
+        out = [store.get(k) if f is None and k is not None else f for f, k in zip(out, keys)]
+    todo = [i for i in range(count) if out[i] is None]
+    if todo:
+        for i, feature in zip(todo, encode(todo), strict=True):
+            out[i] = feature
+            if store is not None and keys is not None and keys[i] is not None:
+                store[keys[i]] = feature.detach().to("cpu", copy=True)
+    return out, len(todo)

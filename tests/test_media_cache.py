@@ -1,0 +1,157 @@
+"""The frozen encoders' output cache (src/models/media_cache.py): the model's side, the processor's side, and
+SFTModule's use of both."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pytest
+import torch
+
+from src.data.manifest import read_manifest
+from src.lit.sft import SFTModule
+from src.models.build import load_base
+from src.models.media_cache import FrozenMediaCache
+
+
+@pytest.fixture(scope="module")
+def rows(synthav):
+    return read_manifest(synthav / "train.jsonl")[:3]
+
+
+@pytest.fixture()
+def frozen(tiny_base):
+    model, proc = load_base(tiny_base)
+    model.eval().requires_grad_(False)
+    return model, proc
+
+
+def embed(model, batch):
+    keys = ("pixel_values_videos", "video_grid_thw", "input_features", "audio_chunks", "audio_windows", "video_keys",
+            "video_tokens", "audio_keys", "audio_states")
+    with torch.no_grad():
+        return model.embed(batch["input_ids"], **{k: batch[k] for k in keys if k in batch})
+
+
+def test_the_model_stores_keyed_outputs_and_reads_them_back(frozen, rows):
+    model, proc = frozen
+    plain = proc.collate([proc(r) for r in rows])
+    assert "video_keys" not in plain and "audio_keys" not in plain  # no keys without a cache
+    want = embed(model, plain)
+
+    cache = FrozenMediaCache()
+    model.media_cache = cache
+    proc.media_keys = True  # keys only: the processor itself does not serve from the cache here
+    batch = proc.collate([proc(r) for r in rows])
+    assert len(set(batch["video_keys"])) == 3 and batch["video_keys"] == batch["audio_keys"]
+    assert all(k.startswith(r.id + ":") for k, r in zip(batch["video_keys"], rows))
+    torch.testing.assert_close(embed(model, batch), want, atol=1e-6, rtol=0)
+    assert cache.misses == {"video": 3, "audio": 3} and cache.hits == {"video": 0, "audio": 0}
+    again = embed(model, batch)
+    assert torch.equal(again, embed(model, batch))
+    torch.testing.assert_close(again, want, atol=1e-6, rtol=0)
+    assert cache.misses == {"video": 3, "audio": 3} and cache.hits == {"video": 6, "audio": 6}
+
+
+def test_the_processor_skips_clips_the_cache_holds(frozen, rows, monkeypatch):
+    model, proc = frozen
+    want = embed(model, proc.collate([proc(r) for r in rows]))
+    cache = FrozenMediaCache()
+    model.media_cache = cache
+    proc.use_media_cache(cache)
+    first = proc.collate([proc(r) for r in rows])
+    assert "pixel_values_videos" in first and "video_tokens" not in first
+    embed(model, first)  # stores every part of the three clips
+
+    loads = []
+    monkeypatch.setattr(proc, "load_clip", lambda *a, **k: loads.append(a) or pytest.fail("clip loaded"))
+    samples = [proc(r) for r in rows]
+    assert loads == [] and all(s["pixel_values_videos"] is None and s["input_features"] is None for s in samples)
+    second = proc.collate(samples)
+    assert "pixel_values_videos" not in second and "input_features" not in second
+    assert len(second["video_tokens"]) == 3 and len(second["audio_states"]) == 3
+    for key in ("input_ids", "labels", "position_ids", "attention_mask", "video_grid_thw"):
+        assert torch.equal(second[key], first[key]), key
+    assert second["audio_chunks"] == first["audio_chunks"] and second["audio_windows"] == first["audio_windows"]
+    torch.testing.assert_close(embed(model, second), want, atol=1e-6, rtol=0)
+
+
+def test_a_batch_mixing_stored_and_new_clips(frozen, synthav):
+    model, proc = frozen
+    rows = read_manifest(synthav / "train.jsonl")[:4]
+    want = embed(model, proc.collate([proc(r) for r in rows]))
+    cache = FrozenMediaCache()
+    model.media_cache = cache
+    proc.use_media_cache(cache)
+    embed(model, proc.collate([proc(r) for r in rows[1:3]]))  # clips 1 and 2 stored
+    mixed = proc.collate([proc(r) for r in rows])
+    assert [t is not None for t in mixed["video_tokens"]] == [False, True, True, False]
+    assert [t is not None for t in mixed["audio_states"]] == [False, True, True, False]
+    assert mixed["pixel_values_videos"].shape[0] == 2 * mixed["video_grid_thw"][0].prod()
+    torch.testing.assert_close(embed(model, mixed), want, atol=1e-6, rtol=0)
+    assert cache.misses == {"video": 4, "audio": 4} and cache.hits == {"video": 2, "audio": 2}
+
+
+def test_a_rewritten_file_is_a_new_key(frozen, rows, tmp_path):
+    model, proc = frozen
+    row = rows[0]
+    video = tmp_path / "clip.mp4"
+    video.write_bytes(open(row.video, "rb").read())
+    row = dataclasses.replace(row, video=str(video))
+    cache = FrozenMediaCache()
+    model.media_cache = cache
+    proc.use_media_cache(cache)
+    embed(model, proc.collate([proc(row)]))
+    assert proc(row)["pixel_values_videos"] is None  # stored: served from the cache
+    stat = video.stat()
+    os.utime(video, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # "rewritten in place"
+    sample = proc(row)
+    assert sample["pixel_values_videos"] is not None and sample["media_key"] not in cache.stores["video"]
+
+
+def test_a_trainable_encoder_is_refused(tiny_base, rows):
+    model, proc = load_base(tiny_base)
+    model.requires_grad_(False)
+    model.whisper.layers[0].requires_grad_(True)
+    model.media_cache = FrozenMediaCache(["audio"])
+    proc.media_keys = True
+    batch = proc.collate([proc(r) for r in rows])
+    with pytest.raises(ValueError, match="frozen Whisper encoder"):
+        model.embed(batch["input_ids"], None, None, batch["input_features"], batch["audio_chunks"],
+                    batch["audio_windows"], audio_keys=batch["audio_keys"])
+    module = SFTModule(base=str(tiny_base), stage="sft", trainable=["llm", "merger"], cache_video_tokens=True)
+    with pytest.raises(ValueError, match="frozen vision path"):
+        module.configure_model()
+    module = SFTModule(base=str(tiny_base), stage="sft", trainable=["llm", "whisper"], cache_audio_states=True)
+    with pytest.raises(ValueError, match="frozen Whisper encoder"):
+        module.configure_model()
+
+
+def test_sft_steps_with_the_cache_equal_steps_without(tiny_base, rows):
+    """Two optimizer steps on the same three rows, each batch built by the processor: with the cache the second
+    batch comes from it (no pixels, no log-mel, no encoder forward); losses and weights match."""
+    results = []
+    for cached in (False, True):
+        torch.manual_seed(0)
+        module = SFTModule(base=str(tiny_base), stage="sft", trainable=["llm", "aligner"], lr=1e-3,
+                           cache_video_tokens=cached, cache_audio_states=cached)
+        module.configure_model()
+        if cached:
+            module.processor.use_media_cache(module.media_cache)
+        opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-3)
+        losses, batches = [], []
+        for _ in range(2):
+            batch = module.processor.collate([module.processor(r) for r in rows])
+            loss = module(batch).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            batches.append(batch)
+        results.append((losses, module.model.lm_head.weight.detach().clone(), module.media_cache, batches))
+    (plain, w_plain, _, _), (cached, w_cached, cache, batches) = results
+    assert plain == pytest.approx(cached, abs=1e-6)
+    torch.testing.assert_close(w_plain, w_cached, atol=1e-6, rtol=0)
+    assert cache.misses == {"video": 3, "audio": 3} and cache.hits == {"video": 3, "audio": 3}
+    assert "pixel_values_videos" in batches[0] and "pixel_values_videos" not in batches[1]
