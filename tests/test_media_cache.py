@@ -155,3 +155,18 @@ def test_sft_steps_with_the_cache_equal_steps_without(tiny_base, rows):
     torch.testing.assert_close(w_plain, w_cached, atol=1e-6, rtol=0)
     assert cache.misses == {"video": 3, "audio": 3} and cache.hits == {"video": 3, "audio": 3}
     assert "pixel_values_videos" in batches[0] and "pixel_values_videos" not in batches[1]
+
+
+def test_worker_copies_of_the_processor_key_rows_but_hold_no_cache(frozen, rows):
+    """A DataLoader worker gets a pickled processor: it must not carry a copy of the cache (stale from then on, and
+    the size of every stored output), but still key its rows so that the model's side of the cache works."""
+    import pickle
+
+    model, proc = frozen
+    cache = FrozenMediaCache()
+    proc.use_media_cache(cache)
+    proc(rows[0])
+    worker = pickle.loads(pickle.dumps(proc))
+    assert worker.media_cache is None and worker.media_keys and worker._layouts == {}
+    sample = worker(rows[0])
+    assert sample["media_key"] == proc(rows[0])["media_key"] and sample["pixel_values_videos"] is not None
