@@ -144,9 +144,9 @@ class AVLLM(PreTrainedModel):
         """
         states = self.encoder_states(input_features, audio_chunks, audio_states, audio_keys)
         fpw = self.audio_settings.frames_per_window
-        device = next(self.aligner.parameters()).device
-        windows = torch.cat([encoder_windows(f.to(device), n, fpw) for f, n in zip(states, audio_windows)])
-        return self.aligner(windows.to(next(self.aligner.parameters()).dtype))
+        param = next(self.aligner.parameters())
+        windows = torch.cat([encoder_windows(f.to(param.device), n, fpw) for f, n in zip(states, audio_windows)])
+        return self.aligner(windows.to(param.dtype))
 
     def encoder_states(self, input_features: torch.Tensor | None, audio_chunks: list[int],
                        audio_states: list[torch.Tensor | None] | None = None,
@@ -165,7 +165,7 @@ class AVLLM(PreTrainedModel):
 
         return self._gather("audio", audio_keys, audio_states, n, encode)
 
-    def video_tokens(self, pixel_values_videos: torch.Tensor | None, video_grid_thw: torch.Tensor,
+    def vision_tokens(self, pixel_values_videos: torch.Tensor | None, video_grid_thw: torch.Tensor,
                      video_tokens: list[torch.Tensor | None] | None = None,
                      video_keys: list[str | None] | None = None) -> list[torch.Tensor]:
         """The merged visual tokens (tokens, d) of each video. ``video_tokens[i]``: video i's tokens, given by the
@@ -206,7 +206,7 @@ class AVLLM(PreTrainedModel):
         brings (from the processor's side of that cache), None for media it brings as pixels / log-mel."""
         embeds = self.get_input_embeddings()(input_ids)
         if video_grid_thw is not None and (pixel_values_videos is not None or video_tokens is not None):
-            features = torch.cat([t.to(embeds.device) for t in self.video_tokens(
+            features = torch.cat([t.to(embeds.device) for t in self.vision_tokens(
                 pixel_values_videos, video_grid_thw, video_tokens, video_keys)])
             embeds = self._scatter(embeds, input_ids, self.config.qwen_config.video_token_id,
                                    features.repeat(media_repeats, 1), "video")
