@@ -86,6 +86,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from torch.profiler import record_function  # noqa: E402
 
 from bench.model_forward import busy_cpu_seconds  # noqa: E402  (one /proc/stat reader for the benches)
 
@@ -129,6 +130,8 @@ class Settings:
     mem_limit_gb: float | None = None
     memory: str = "live"
     seed: int = 0
+    profile: str | None = None
+    prefix_sharing: str = "cache"
 
     @property
     def dtype(self) -> torch.dtype:
@@ -193,7 +196,11 @@ def build_base(settings: Settings, out: Path) -> Path:
     vision = VisionSettings(patch_size=sizes.get("patch_size", 14), merge_size=sizes.get("merge_size", 2))
     processor = AVProcessor(tokenizer, ProcessorSettings(sampling=TINY_SAMPLING, audio=AudioSettings(**config.audio),
                                                          vision=vision))
-    return save_base(model, processor, out)
+    saved = save_base(model, processor, out)
+    del model
+    if settings.device == "cuda":  # else this process's caching allocator keeps the 7B's 17.6 GB from the paths
+        torch.cuda.empty_cache()
+    return saved
 
 
 def filler_words(tokenizer) -> list[str]:
@@ -440,6 +447,8 @@ def build_module(settings: Settings, workdir: Path, packed: bool):
     from src.models.reference import ReferenceSnapshot
 
     options = {"packed": packed} if supports_packed() else {}
+    if packed:
+        options["prefix_sharing"] = settings.prefix_sharing
     torch.manual_seed(settings.seed)
     module = DPOModule(str(workdir / "base"), beta=BETA, gt_weight=GT_WEIGHT, trainable=settings.parts,
                        lora=LoraSettings(r=LORA_R, alpha=LORA_ALPHA, dropout=0.0, targets=LORA_TARGETS), lr=LR,
@@ -479,12 +488,15 @@ def run_ours(path: str, settings: Settings, workdir: Path, cap_memory: bool = Fa
         info["prefix_sharing"] = "mask"
         info["packed_rows"], info["packed_length"] = int(rows.shape[0]), int(rows.shape[1])
 
-    def step() -> float:
+    def step() -> float:  # the phases are labelled for --profile's tables
         optimizer.zero_grad(set_to_none=True)
-        loss, _ = module.loss_and_stats(module.preference_forward(batch))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
-        optimizer.step()
+        with record_function("step: forward + loss"):
+            loss, _ = module.loss_and_stats(module.preference_forward(batch))
+        with record_function("step: backward"):
+            loss.backward()
+        with record_function("step: clip + AdamW"):
+            torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+            optimizer.step()
         return float(loss.detach())
 
     memory = PeakMemory(settings.device, cap_memory, settings.mem_limit_gb)
@@ -496,7 +508,29 @@ def run_ours(path: str, settings: Settings, workdir: Path, cap_memory: bool = Fa
         losses.append(step())
         sync(settings.device)
         times.append(time.perf_counter() - start)
-    return {**timed_summary(times, settings), **memory.stop(), "loss_first_step": round(losses[0], 6), **info}
+    result = {**timed_summary(times, settings), **memory.stop(), "loss_first_step": round(losses[0], 6), **info}
+    if settings.profile:
+        profile_step(step, path, settings)
+    return result
+
+
+def profile_step(step, path: str, settings: Settings) -> None:
+    """One more (untimed) step under torch.profiler: its operators by total and by self device time (CPU time on
+    CPU), written to <--profile>/<path>_<prompt_len>.txt, to see where a path's step goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if settings.device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        sync(settings.device)
+    averages = prof.key_averages()
+    unit = "cuda" if settings.device == "cuda" else "cpu"
+    tables = [f"== {path}, prompt {settings.prompt_len}, {settings.pairs} pair(s), sorted by {key}\n"
+              + averages.table(sort_by=key, row_limit=rows, max_name_column_width=90)
+              for key, rows in ((f"{unit}_time_total", 45), (f"self_{unit}_time_total", 30))]
+    out = Path(settings.profile)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{path}_{settings.prompt_len}.txt").write_text("\n\n".join(tables))
 
 
 # -- TRL ------------------------------------------------------------------------------------------------------------
@@ -799,6 +833,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "so the resident set follows the live tensors) or rss (the timed run's resident set)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per path")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prefix-sharing", choices=["cache", "mask"], default="cache",
+                        help="the fast paths' DPOModule prefix_sharing (cache: the prompt's KV cache, the default; "
+                             "mask: one packed row per pair under a prefix-sharing mask)")
+    parser.add_argument("--profile", default=None,
+                        help="folder: one more untimed step of plain / fast under torch.profiler, tables written there")
     parser.add_argument("--base-cache", type=Path, default=None,
                         help="directory holding (or to receive) the random base, kept for later runs (the 7B's "
                              "takes a minute to build and write); default: built afresh in a temporary directory")

@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
 # The GPU figures of bench/RESULTS.md in one run on a single CUDA GPU (a 7B-shaped random model, bf16):
 #   bash bench/gpu_checks.sh OUT_DIR [STAGES]
-# STAGES (default all, in this order): env dpo4k sft dpo16k dpo1k. Each stage writes OUT_DIR/<stage>.json (its
-# stderr is appended to OUT_DIR/stderr.log) and has its own time limit, so a failed or slow stage leaves the
-# others' figures. One pair per DPO step: the plain path's 2 pairs at 4k exceed an H100's 80 GB.
-# The 7B base is built once (26 s on an H100 machine) into $BASE_CACHE and reused by every stage. All stages
-# limits: 60 + 240 + 150 + 200 + 120 s; on an H100 the first four stages of the first run took 9 min. On a machine
-# without the project's packages, install them first (bench/RESULTS.md names the wheels the H100 runs used).
+# STAGES (default: env dpo4k sft dpo16k dpo1k, in this order; also dpo4k2 mask4k2 nockpt4k2, below). PROFILE=1:
+# dpo4k also writes one profiled step of each of our paths to OUT_DIR/<path>_4096.txt (bench/dpo_step.py --profile).
+# Each stage writes OUT_DIR/<stage>.json (its stderr is appended to OUT_DIR/stderr.log) and has its own time limit,
+# so a failed or slow stage leaves the others' figures. The default stages take one pair per DPO step (the plain
+# path's 2 pairs at 4k ran out of memory while the benchmark's parent process still held the 7B it had just built,
+# fixed since). The 7B base is built once (26 s on an H100 machine) into $BASE_CACHE and reused by every stage.
+# Stage limits: 30 + 250 + 150 + 200 + 100 s (+ 170 + 60 + 60); on an H100 (2026-11-27) the default stages took
+# 20 + 189 + 32 + 108 + 54 s and dpo4k2 mask4k2 nockpt4k2 168 + 50 + 46 s, plus about 1 min to start the machine.
+# On a machine without the project's packages, install them first (bench/RESULTS.md names the wheels).
 set -u
 out=${1:?usage: bench/gpu_checks.sh OUT_DIR [STAGES]}
 stages=${2:-env dpo4k sft dpo16k dpo1k}
 mkdir -p "$out"
 py=${PYTHON:-python3}
 base=${BASE_CACHE:-/tmp/bench-7b-base}
-dev=${DEVICE:-cuda} model=${MODEL:-7b}  # DEVICE=cpu MODEL=tiny: a dry run of the script itself
+dev=${DEVICE:-cuda} model=${MODEL:-7b} profile=${PROFILE:+--profile $out}  # DEVICE=cpu MODEL=tiny: a dry run of the script itself
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false TRANSFORMERS_VERBOSITY=error PYTHONUNBUFFERED=1
 stage() {  # name, limit in seconds, command...
   local name=$1 limit=$2; shift 2
@@ -27,11 +30,16 @@ stage() {  # name, limit in seconds, command...
 dpo="$py bench/dpo_step.py --device $dev --model $model --base-cache $base --json"
 for s in $stages; do
   case $s in
-    env) stage env 60 $py -c "import torch, transformers, peft, lightning, av, json; print(json.dumps({'gpu': torch.cuda.get_device_name(0), 'torch': torch.__version__, 'cuda': torch.version.cuda, 'transformers': transformers.__version__, 'peft': peft.__version__, 'lightning': lightning.__version__, 'av': av.__version__}))" ;;
-    dpo4k) stage dpo4k 240 $dpo --prompt-len 4096 --pairs 1 --steps 2 --timeout 80 ;;  # plain: 2 pairs exceed 80 GB
+    env) stage env 30 $py -c "import torch, transformers, peft, lightning, av, json; print(json.dumps({'gpu': torch.cuda.get_device_name(0), 'torch': torch.__version__, 'cuda': torch.version.cuda, 'transformers': transformers.__version__, 'peft': peft.__version__, 'lightning': lightning.__version__, 'av': av.__version__}))" ;;
+    dpo4k) stage dpo4k 250 $dpo --prompt-len 4096 --pairs 1 --steps 2 --timeout 80 $profile ;;  # plain: 2 pairs exceed 80 GB
     sft) stage sft 150 $py bench/sft_step.py --device $dev --model $model --base-cache "$base" --prompt-len 7680 --response-len 512 --json ;;
     dpo16k) stage dpo16k 200 $dpo --prompt-len 16384 --pairs 1 --steps 2 --paths plain,fast,trl --timeout 90 ;;
-    dpo1k) stage dpo1k 120 $dpo --prompt-len 1024 --pairs 1 --steps 2 --paths plain,fast --timeout 55 ;;
+    dpo1k) stage dpo1k 100 $dpo --prompt-len 1024 --pairs 1 --steps 2 --paths plain,fast --timeout 45 ;;
+    # 2 pairs per step (3 timed steps): the three paths, then the fast path with the mask form of prefix sharing
+    # (one packed row per pair: half the kernel launches of the cache form) and without activation checkpointing
+    dpo4k2) stage dpo4k2 170 $dpo --prompt-len 4096 --pairs 2 --steps 3 --paths fast,trl,plain --timeout 60 ;;
+    mask4k2) stage mask4k2 60 $dpo --prompt-len 4096 --pairs 2 --steps 3 --paths fast --prefix-sharing mask --timeout 55 ;;
+    nockpt4k2) stage nockpt4k2 60 $dpo --prompt-len 4096 --pairs 2 --steps 3 --paths fast --no-checkpointing --timeout 55 ;;
     *) echo "unknown stage $s" ;;
   esac
 done
