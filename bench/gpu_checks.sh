@@ -31,7 +31,7 @@ dpo="$py bench/dpo_step.py --device $dev --model $model --base-cache $base --jso
 for s in $stages; do
   case $s in
     env) stage env 30 $py -c "import torch, transformers, peft, lightning, av, json; print(json.dumps({'gpu': torch.cuda.get_device_name(0), 'torch': torch.__version__, 'cuda': torch.version.cuda, 'transformers': transformers.__version__, 'peft': peft.__version__, 'lightning': lightning.__version__, 'av': av.__version__}))" ;;
-    dpo4k) stage dpo4k 250 $dpo --prompt-len 4096 --pairs 1 --steps 2 --timeout 80 $profile ;;  # plain: 2 pairs exceed 80 GB
+    dpo4k) stage dpo4k 250 $dpo --prompt-len 4096 --pairs 1 --steps 2 --timeout 80 $profile ;;  # 2 pairs per step: dpo4k2
     sft) stage sft 150 $py bench/sft_step.py --device $dev --model $model --base-cache "$base" --prompt-len 7680 --response-len 512 --json ;;
     dpo16k) stage dpo16k 200 $dpo --prompt-len 16384 --pairs 1 --steps 2 --paths plain,fast,trl --timeout 90 ;;
     dpo1k) stage dpo1k 100 $dpo --prompt-len 1024 --pairs 1 --steps 2 --paths plain,fast --timeout 45 ;;
