@@ -837,7 +837,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the fast paths' DPOModule prefix_sharing (cache: the prompt's KV cache, the default; "
                              "mask: one packed row per pair under a prefix-sharing mask)")
     parser.add_argument("--profile", default=None,
-                        help="folder: one more untimed step of each of our paths (not TRL) under torch.profiler, its tables written there")
+                        help="folder: one more untimed step of each of our paths (not TRL) under torch.profiler, "
+                             "its tables written there")
     parser.add_argument("--base-cache", type=Path, default=None,
                         help="directory holding (or to receive) the random base, kept for later runs (the 7B's "
                              "takes a minute to build and write); default: built afresh in a temporary directory")
