@@ -132,6 +132,9 @@ class Settings:
     seed: int = 0
     profile: str | None = None
     prefix_sharing: str = "cache"
+    llm_attention: str | None = None
+    pack_tokens: int | None = None
+    compile_decoder: bool = False
 
     @property
     def dtype(self) -> torch.dtype:
@@ -448,7 +451,11 @@ def build_module(settings: Settings, workdir: Path, packed: bool):
 
     options = {"packed": packed} if supports_packed() else {}
     if packed:
-        options["prefix_sharing"] = settings.prefix_sharing
+        options.update(prefix_sharing=settings.prefix_sharing, pack_tokens=settings.pack_tokens)
+    if settings.llm_attention:
+        options["llm_attention"] = settings.llm_attention
+    if settings.compile_decoder:
+        options["compile_decoder"] = True
     torch.manual_seed(settings.seed)
     module = DPOModule(str(workdir / "base"), beta=BETA, gt_weight=GT_WEIGHT, trainable=settings.parts,
                        lora=LoraSettings(r=LORA_R, alpha=LORA_ALPHA, dropout=0.0, targets=LORA_TARGETS), lr=LR,
@@ -836,6 +843,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prefix-sharing", choices=["cache", "mask"], default="cache",
                         help="the fast paths' DPOModule prefix_sharing (cache: the prompt's KV cache, the default; "
                              "mask: one packed row per pair under a prefix-sharing mask)")
+    parser.add_argument("--llm-attention", choices=["sdpa", "eager", "flex_attention"], default=None,
+                        help="our paths' DPOModule llm_attention (default: the base's, sdpa)")
+    parser.add_argument("--pack-tokens", type=int, default=None,
+                        help="with --prefix-sharing mask: DPOModule pack_tokens, the token budget of one packed row "
+                             "(default: one row per pair)")
+    parser.add_argument("--compile-decoder", action="store_true",
+                        help="our paths' DPOModule compile_decoder (torch.compile of each decoder layer; the "
+                             "compile falls in the warm-up steps)")
     parser.add_argument("--profile", default=None,
                         help="folder: one more untimed step of each of our paths (not TRL) under torch.profiler, "
                              "its tables written there")

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The GPU figures of bench/RESULTS.md in one run on a single CUDA GPU (a 7B-shaped random model, bf16):
 #   bash bench/gpu_checks.sh OUT_DIR [STAGES]
-# STAGES (default: env dpo4k sft dpo16k dpo1k, in this order; also dpo4k2 mask4k2 nockpt4k2, below). PROFILE=1:
+# STAGES (default: env dpo4k sft dpo16k dpo1k, in this order; also dpo4k2 mask4k2 nockpt4k2 fp4k2 fp1k2 fx4k fx1k
+# mc4k, below). PROFILE=1:
 # dpo4k also writes one profiled step of each of our paths to OUT_DIR/<path>_4096.txt (bench/dpo_step.py --profile).
 # Each stage writes OUT_DIR/<stage>.json (its stderr is appended to OUT_DIR/stderr.log) and has its own time limit,
 # so a failed or slow stage leaves the others' figures. The default stages take one pair per DPO step (the plain
-# path's 2 pairs at 4k ran out of memory while the benchmark's parent process still held the 7B it had just built,
-# fixed since). The 7B base is built once (26 s on an H100 machine) into $BASE_CACHE and reused by every stage.
+# path's 2 pairs at 4k ran out of memory while the benchmark's parent process still held the 7B it had just built;
+# fixed since: fp4k2 runs them in 43.5 GB). The 7B base is built once (26 s on an H100 machine) into $BASE_CACHE and reused by every stage.
 # Stage limits: 30 + 250 + 150 + 200 + 100 s (+ 170 + 60 + 60); on an H100 (2026-11-27) the default stages took
 # 20 + 189 + 32 + 108 + 54 s and dpo4k2 mask4k2 nockpt4k2 168 + 50 + 46 s, plus about 1 min to start the machine.
 # On a machine without the project's packages, install them first (bench/RESULTS.md names the wheels).
@@ -40,6 +41,16 @@ for s in $stages; do
     dpo4k2) stage dpo4k2 170 $dpo --prompt-len 4096 --pairs 2 --steps 3 --paths fast,trl,plain --timeout 60 ;;
     mask4k2) stage mask4k2 60 $dpo --prompt-len 4096 --pairs 2 --steps 3 --paths fast --prefix-sharing mask --timeout 55 ;;
     nockpt4k2) stage nockpt4k2 60 $dpo --prompt-len 4096 --pairs 2 --steps 3 --paths fast --no-checkpointing --timeout 55 ;;
+    # 2 pairs per step, fast and plain side by side (no TRL: 110 + 70 s on an H100)
+    fp4k2) stage fp4k2 130 $dpo --prompt-len 4096 --pairs 2 --steps 3 --paths fast,plain --timeout 60 ;;
+    fp1k2) stage fp1k2 90 $dpo --prompt-len 1024 --pairs 2 --steps 3 --paths fast,plain --timeout 40 ;;
+    # the mask form with each decoder layer compiled (DPOModule compile_decoder; one graph for all layers, compiled
+    # in the 2 warm-up steps), under FlexAttention (fx4k, fx1k; plain gets the same settings) or SDPA's dense mask
+    # (mc4k). On an H100 (2026-11-27) fx4k and mc4k gave no figure: the fast path alone ran past 140 s and 115 s
+    # (7B load, compile, 5 steps), so the limits below are a guess at what the compile needs.
+    fx4k) stage fx4k 560 $dpo --prompt-len 4096 --pairs 1 --steps 3 --warmup 2 --paths fast,plain --prefix-sharing mask --llm-attention flex_attention --compile-decoder --timeout 270 ;;
+    fx1k) stage fx1k 400 $dpo --prompt-len 1024 --pairs 1 --steps 3 --warmup 2 --paths fast,plain --prefix-sharing mask --llm-attention flex_attention --compile-decoder --timeout 190 ;;
+    mc4k) stage mc4k 300 $dpo --prompt-len 4096 --pairs 1 --steps 3 --warmup 2 --paths fast --prefix-sharing mask --compile-decoder --timeout 290 ;;
     *) echo "unknown stage $s" ;;
   esac
 done

@@ -87,6 +87,24 @@ def test_mask_prefix_sharing_and_profile(prepared, tmp_path):
     assert all(phase in table for phase in ("step: forward + loss", "step: backward", "step: clip + AdamW"))
 
 
+def test_attention_packing_and_compile_options_reach_the_module(prepared):
+    """--llm-attention and --pack-tokens reach DPOModule (two pairs in one packed row under eager attention: the
+    cache form's loss); --compile-decoder is parsed into the settings (its step is in tests/test_packing.py)."""
+    from dataclasses import replace
+
+    settings, workdir, _ = prepared
+    cache = bench.run_path("fast", settings, workdir)
+    one_row = bench.run_path("fast", replace(settings, prefix_sharing="mask", llm_attention="eager",
+                                             pack_tokens=settings.pairs * (PROMPT + 3 * RESPONSE)), workdir)
+    assert settings.pairs == 2 and one_row["packed_rows"] == 1
+    assert one_row["loss_first_step"] == pytest.approx(cache["loss_first_step"], abs=1e-5)
+    args = bench.parse_args(["--llm-attention", "flex_attention", "--pack-tokens", "9000", "--compile-decoder"])
+    parsed = bench.settings_from(args)
+    assert (parsed.llm_attention, parsed.pack_tokens, parsed.compile_decoder) == ("flex_attention", 9000, True)
+    module = bench.build_module(replace(settings, compile_decoder=True), workdir, packed=True)
+    assert module.compile_decoder and all(layer._compiled_call_impl is not None for layer in module.model.llm.layers)
+
+
 def test_trl_gets_the_same_llm(prepared):
     """Qwen2ForCausalLM with the copied weights == the AV model's LLM on text (M-RoPE, three equal axes)."""
     _, workdir, _ = prepared

@@ -343,6 +343,50 @@ def test_llm_attention_setting_switches_the_decoder_kernel_only(tiny_base, clips
         DPOModule(base=str(tiny_base), llm_attention="flash")
 
 
+def test_compile_decoder_compiles_every_llm_layer_and_nothing_else(tiny_base):
+    """compile_decoder=True wraps each decoder layer's call in torch.compile (lazy: nothing compiles until a
+    forward); the encoders and the aligner stay eager; off by default."""
+    module = DPOModule(base=str(tiny_base), lora=LoraSettings(**LORA), compile_decoder=True)
+    module.configure_model()
+    layers = list(module.model.llm.layers)
+    assert layers and all(layer._compiled_call_impl is not None for layer in layers)
+    compiled = [m for m in module.model.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    assert len(compiled) == len(layers) and all(any(m is layer for layer in layers) for m in compiled)
+    plain = DPOModule(base=str(tiny_base), lora=LoraSettings(**LORA))
+    plain.configure_model()
+    assert all(layer._compiled_call_impl is None for layer in plain.model.llm.layers)
+
+
+@pytest.mark.slow
+def test_compile_decoder_gives_the_eager_loss_and_gradients_with_one_graph_for_all_layers(tiny_base, clips):
+    """The mask form (no KV cache, so no layer index reaches the graph) with compiled decoder layers, activation
+    checkpointing on: the eager step's loss and gradients (fp32), and dynamo builds ONE graph that serves both
+    decoder layers (the rows carry reference log-probs, as the rollout's do, so no no-grad pass adds a graph of
+    its own). (CPU inductor: ~30 s.)"""
+    from torch._dynamo.utils import counters
+
+    batch = preference_batch(module_for(tiny_base).processor, clips, "mixed")
+    with torch.no_grad():
+        out = module_for(tiny_base).preference_forward(batch)
+    batch["ref_chosen_logps"], batch["ref_rejected_logps"] = out["ref_chosen"], out["ref_rejected"]
+    torch._dynamo.reset()
+    counters.clear()
+    results = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        module = module_for(tiny_base, prefix_sharing="mask", compile_decoder=compiled,
+                            activation_checkpointing=True)
+        module.model.train()
+        loss, _ = module.loss_and_stats(module.preference_forward(batch))
+        loss.backward()
+        results[compiled] = loss.detach(), {n: p.grad for n, p in module.named_parameters() if p.grad is not None}
+    (eager_loss, eager_grads), (loss, grads) = results[False], results[True]
+    assert torch.allclose(loss, eager_loss, atol=ATOL)
+    assert grads.keys() == eager_grads.keys() and any("lora" in n for n in grads)
+    for name, grad in grads.items():
+        assert torch.allclose(grad, eager_grads[name], rtol=1e-4, atol=1e-6), name
+    assert len(module.model.llm.layers) == 2 and counters["stats"]["unique_graphs"] == 1
+
 # -- KV-cache prefix sharing (prefix_sharing="cache") -------------------------------------------------------------
 
 def test_prefix_batch_hand_made_inputs_and_targets():

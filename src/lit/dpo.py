@@ -52,7 +52,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 
-from src.lit.sft import (OptimSettings, adamw, build_trainable_model, log_grad_norm_and_lr,
+from src.lit.sft import (OptimSettings, adamw, build_trainable_model, compile_layers, log_grad_norm_and_lr,
                          shard_under_model_parallel, warmup_cosine)
 from src.losses.dpo import BETA, GT_WEIGHT, PREFERENCE_LOSSES, gdpo_loss, preference_stats
 from src.losses.logprobs import response_ce, sequence_logps
@@ -112,6 +112,9 @@ class DPOModule(pl.LightningModule):
             and responses: the CUDA choice with ``pack_tokens``. Only the decoder switches; the encoders keep theirs.
         prefix_sharing: with ``packed``, "cache" (default: prompts once with a KV cache, then the responses on
             it; no L x L mask) or "mask" (one packed row per pair or per budget with a 4-D mask / BlockMask).
+        compile_decoder: torch.compile each LLM decoder layer (regional compilation: one compiled graph serves
+            every layer; dynamic shapes, so new lengths do not recompile). Fewer, fused kernels where a 7B's
+            short response pass is launch-bound on a GPU; costs a compile at the first steps.
     """
 
     def __init__(self, base: str, beta: float = BETA, gt_weight: float = GT_WEIGHT, loss_type: LossType = "sigmoid",
@@ -119,7 +122,7 @@ class DPOModule(pl.LightningModule):
                  optim: OptimSettings = OptimSettings(), schedule_steps: int | None = None,
                  activation_checkpointing: bool = False, packed: bool = True, pack_tokens: int | None = None,
                  llm_attention: Literal["sdpa", "eager", "flex_attention"] | None = None,
-                 prefix_sharing: PrefixSharing = "cache"):
+                 prefix_sharing: PrefixSharing = "cache", compile_decoder: bool = False):
         super().__init__()
         if loss_type not in PREFERENCE_LOSSES:
             raise ValueError(f"loss_type must be one of {tuple(PREFERENCE_LOSSES)}, got {loss_type!r}")
@@ -140,7 +143,7 @@ class DPOModule(pl.LightningModule):
         self.trainable = tuple(trainable) if trainable is not None else DPO_TRAINABLE
         self.schedule_steps, self.activation_checkpointing = schedule_steps, activation_checkpointing
         self.packed, self.pack_tokens, self.llm_attention = packed, pack_tokens, llm_attention
-        self.prefix_sharing = prefix_sharing
+        self.prefix_sharing, self.compile_decoder = prefix_sharing, compile_decoder
         self.model = None
         self.processor = None
         self.round = 0
@@ -159,6 +162,8 @@ class DPOModule(pl.LightningModule):
             self.model.llm.config._attn_implementation = self.llm_attention  # read by every decoder layer per call
         self.reference_snapshot = ReferenceSnapshot.take(self.model)
         shard_under_model_parallel(self, self.model)
+        if self.compile_decoder:
+            compile_layers(self.model.llm.layers)
 
     def start_round(self, index: int, generator: torch.Generator) -> None:
         """A round boundary, as this module sees it; call on every rank (collectives under FSDP2). Folds the LoRA

@@ -100,6 +100,15 @@ def build_trainable_model(base: str, trainable: tuple[str, ...], lora: LoraSetti
     return model, processor
 
 
+def compile_layers(layers) -> None:
+    """Regional compilation: torch.compile each module's forward, with dynamic shapes (a new length does not
+    recompile). Modules of one class share the compiled code: their parameters are the graph's inputs. A layer
+    that reads its own index (a KV cache's ``update(..., layer_idx)``) is compiled once per index; without a
+    cache, one graph serves every decoder layer."""
+    for layer in layers:
+        layer.compile(dynamic=True)
+
+
 def shard_under_model_parallel(module: pl.LightningModule, model) -> None:
     """Under ModelParallelStrategy (``module.device_mesh`` set), shard ``model`` with FSDP2 (bf16 compute when the
     trainer's precision is bf16); otherwise nothing."""
