@@ -98,10 +98,11 @@ def test_attention_packing_and_compile_options_reach_the_module(prepared):
                                              pack_tokens=settings.pairs * (PROMPT + 3 * RESPONSE)), workdir)
     assert settings.pairs == 2 and one_row["packed_rows"] == 1
     assert one_row["loss_first_step"] == pytest.approx(cache["loss_first_step"], abs=1e-5)
-    args = bench.parse_args(["--llm-attention", "flex_attention", "--pack-tokens", "9000", "--compile-decoder"])
+    args = bench.parse_args(["--llm-attention", "flex_attention", "--pack-tokens", "9000", "--compile-decoder",
+                             "--prefix-sharing", "mask"])
     parsed = bench.settings_from(args)
     assert (parsed.llm_attention, parsed.pack_tokens, parsed.compile_decoder) == ("flex_attention", 9000, True)
-    module = bench.build_module(replace(settings, compile_decoder=True), workdir, packed=True)
+    module = bench.build_module(replace(settings, compile_decoder=True, prefix_sharing="mask"), workdir, packed=True)
     assert module.compile_decoder and all(layer._compiled_call_impl is not None for layer in module.model.llm.layers)
 
 

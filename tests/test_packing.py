@@ -346,12 +346,14 @@ def test_llm_attention_setting_switches_the_decoder_kernel_only(tiny_base, clips
 def test_compile_decoder_compiles_every_llm_layer_and_nothing_else(tiny_base):
     """compile_decoder=True wraps each decoder layer's call in torch.compile (lazy: nothing compiles until a
     forward); the encoders and the aligner stay eager; off by default."""
-    module = DPOModule(base=str(tiny_base), lora=LoraSettings(**LORA), compile_decoder=True)
+    module = DPOModule(base=str(tiny_base), lora=LoraSettings(**LORA), prefix_sharing="mask", compile_decoder=True)
     module.configure_model()
     layers = list(module.model.llm.layers)
     assert layers and all(layer._compiled_call_impl is not None for layer in layers)
     compiled = [m for m in module.model.modules() if getattr(m, "_compiled_call_impl", None) is not None]
     assert len(compiled) == len(layers) and all(any(m is layer for layer in layers) for m in compiled)
+    with pytest.raises(ValueError, match="compile_decoder needs prefix_sharing='mask'"):
+        DPOModule(base=str(tiny_base), prefix_sharing="cache", compile_decoder=True)
     plain = DPOModule(base=str(tiny_base), lora=LoraSettings(**LORA))
     plain.configure_model()
     assert all(layer._compiled_call_impl is None for layer in plain.model.llm.layers)

@@ -113,7 +113,8 @@ class DPOModule(pl.LightningModule):
         prefix_sharing: with ``packed``, "cache" (default: prompts once with a KV cache, then the responses on
             it; no L x L mask) or "mask" (one packed row per pair or per budget with a 4-D mask / BlockMask).
         compile_decoder: torch.compile each LLM decoder layer (regional compilation: one compiled graph serves
-            every layer; dynamic shapes, so new lengths do not recompile). Fewer, fused kernels where a 7B's
+            every layer; dynamic shapes, so new lengths do not recompile). Needs prefix_sharing "mask" or the
+            plain path (the cache form's KV cache would specialise a graph per layer). Fewer, fused kernels where a 7B's
             short response pass is launch-bound on a GPU; costs a compile at the first steps.
     """
 
@@ -136,6 +137,10 @@ class DPOModule(pl.LightningModule):
             raise ValueError(f"llm_attention must be sdpa, eager, flex_attention or None, got {llm_attention!r}")
         if prefix_sharing not in ("cache", "mask"):
             raise ValueError(f"prefix_sharing must be 'cache' or 'mask', got {prefix_sharing!r}")
+        if compile_decoder and packed and prefix_sharing == "cache":
+            raise ValueError("compile_decoder needs prefix_sharing='mask' (or packed=False): the cache form's KV cache "
+                             "reads each layer's index, so torch.compile would build one graph per layer and, past "
+                             "its recompile limit (8), run the remaining layers eagerly")
         self.save_hyperparameters()
         self.base, self.beta, self.gt_weight, self.loss_type, self.lr = base, beta, gt_weight, loss_type, lr
         self.lora = lora if isinstance(lora, LoraSettings) else LoraSettings(**lora)
