@@ -7,7 +7,8 @@
 # Each stage writes OUT_DIR/<stage>.json (its stderr is appended to OUT_DIR/stderr.log) and has its own time limit,
 # so a failed or slow stage leaves the others' figures. The default stages take one pair per DPO step (the plain
 # path's 2 pairs at 4k ran out of memory while the benchmark's parent process still held the 7B it had just built;
-# fixed since: fp4k2 runs them in 43.5 GB). The 7B base is built once (26 s on an H100 machine) into $BASE_CACHE and reused by every stage.
+# fixed since: fp4k2 runs them in 43.5 GB). The 7B base is built once (26 s on an H100 machine) into $BASE_CACHE
+# and reused by every stage.
 # Stage limits: 30 + 250 + 150 + 200 + 100 s (+ 170 + 60 + 60); on an H100 (2026-11-27) the default stages took
 # 20 + 189 + 32 + 108 + 54 s and dpo4k2 mask4k2 nockpt4k2 168 + 50 + 46 s, plus about 1 min to start the machine.
 # On a machine without the project's packages, install them first (bench/RESULTS.md names the wheels).

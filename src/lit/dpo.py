@@ -114,8 +114,9 @@ class DPOModule(pl.LightningModule):
             it; no L x L mask) or "mask" (one packed row per pair or per budget with a 4-D mask / BlockMask).
         compile_decoder: torch.compile each LLM decoder layer (regional compilation: one compiled graph serves
             every layer; dynamic shapes, so new lengths do not recompile). Needs prefix_sharing "mask" or the
-            plain path (the cache form's KV cache would specialise a graph per layer). Fewer, fused kernels where a 7B's
-            short response pass is launch-bound on a GPU; costs a compile at the first steps.
+            plain path (the cache form's KV cache would specialise a graph per layer). Meant for a GPU, where a
+            7B's short kernels are launch-bound (unmeasured there yet; no gain on CPU); costs a compile at the
+            first steps.
     """
 
     def __init__(self, base: str, beta: float = BETA, gt_weight: float = GT_WEIGHT, loss_type: LossType = "sigmoid",
