@@ -509,12 +509,15 @@ def run_ours(path: str, settings: Settings, workdir: Path, cap_memory: bool = Fa
     memory = PeakMemory(settings.device, cap_memory, settings.mem_limit_gb)
     memory.start()
     times, losses = [], []
-    for _ in range(settings.warmup + settings.steps):
+    total = settings.warmup + settings.steps
+    for i in range(total):
         sync(settings.device)
         start = time.perf_counter()
         losses.append(step())
         sync(settings.device)
         times.append(time.perf_counter() - start)
+        # progress on stderr: the parent reports it when the path runs past --timeout (a first step that compiles)
+        print(f"{path}: step {i + 1}/{total} {times[-1]:.3f} s", file=sys.stderr, flush=True)
     result = {**timed_summary(times, settings), **memory.stop(), "loss_first_step": round(losses[0], 6), **info}
     if settings.profile:
         profile_step(step, path, settings)
@@ -721,8 +724,9 @@ def run_child(path: str, settings: Settings, workdir: Path, timeout: float | Non
     busy, own, wall = busy_cpu_seconds(), resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     try:
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"timeout": True, "error": f"ran past --timeout {timeout} s"}
+    except subprocess.TimeoutExpired as stopped:  # its stderr so far is bytes, whatever text= says
+        progress = (stopped.stderr or b"").decode(errors="replace").strip().splitlines()[-5:]
+        return {"timeout": True, "error": f"ran past --timeout {timeout} s", "last_stderr": progress}
     wall = time.perf_counter() - wall
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     child_cpu = (after.ru_utime - own.ru_utime) + (after.ru_stime - own.ru_stime)

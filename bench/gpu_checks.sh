@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU figures of bench/RESULTS.md in one run on a single CUDA GPU (a 7B-shaped random model, bf16):
 #   bash bench/gpu_checks.sh OUT_DIR [STAGES]
-# STAGES (default: env dpo4k sft dpo16k dpo1k, in this order; also dpo4k2 mask4k2 nockpt4k2 fp4k2 fp1k2 fx4k fx1k
-# mc4k, below). PROFILE=1:
+# STAGES (default: env dpo4k sft dpo16k dpo1k, in this order; also dpo4k2 mask4k2 nockpt4k2 fp4k2 fp1k2 fx4k
+# fx4kplain fx1k mc4k f4k, below). PROFILE=1:
 # dpo4k also writes one profiled step of each of our paths to OUT_DIR/<path>_4096.txt (bench/dpo_step.py --profile).
 # Each stage writes OUT_DIR/<stage>.json (its stderr is appended to OUT_DIR/stderr.log) and has its own time limit,
 # so a failed or slow stage leaves the others' figures. The default stages take one pair per DPO step (the plain
@@ -46,12 +46,16 @@ for s in $stages; do
     fp4k2) stage fp4k2 130 $dpo --prompt-len 4096 --pairs 2 --steps 3 --paths fast,plain --timeout 60 ;;
     fp1k2) stage fp1k2 90 $dpo --prompt-len 1024 --pairs 2 --steps 3 --paths fast,plain --timeout 40 ;;
     # the mask form with each decoder layer compiled (DPOModule compile_decoder; one graph for all layers, compiled
-    # in the 2 warm-up steps), under FlexAttention (fx4k, fx1k; plain gets the same settings) or SDPA's dense mask
-    # (mc4k). On an H100 (2026-11-27) fx4k and mc4k gave no figure: the fast path alone ran past 140 s and 115 s
-    # (7B load, compile, 5 steps), so the limits below are a guess at what the compile needs.
-    fx4k) stage fx4k 560 $dpo --prompt-len 4096 --pairs 1 --steps 3 --warmup 2 --paths fast,plain --prefix-sharing mask --llm-attention flex_attention --compile-decoder --timeout 270 ;;
-    fx1k) stage fx1k 400 $dpo --prompt-len 1024 --pairs 1 --steps 3 --warmup 2 --paths fast,plain --prefix-sharing mask --llm-attention flex_attention --compile-decoder --timeout 190 ;;
-    mc4k) stage mc4k 300 $dpo --prompt-len 4096 --pairs 1 --steps 3 --warmup 2 --paths fast --prefix-sharing mask --compile-decoder --timeout 290 ;;
+    # in the 2 warm-up steps) under FlexAttention (fx4k; fx4kplain and fx1k give plain the same settings) or SDPA's
+    # dense mask (mc4k); f4k: FlexAttention alone (transformers compiles its kernel). On an H100 (2026-11-27) the
+    # compiled fast path ran past per-path limits of 140 s and 115 s (7B load, compile, 5 steps), and the stage's
+    # limit then cut the JSON off; each stage's limit now covers its paths' --timeout, and a path that runs past it
+    # reports its last steps' times (last_stderr), where the compile shows.
+    fx4k) stage fx4k 440 $dpo --prompt-len 4096 --pairs 1 --steps 3 --warmup 2 --paths fast --prefix-sharing mask --llm-attention flex_attention --compile-decoder --timeout 400 ;;
+    fx4kplain) stage fx4kplain 440 $dpo --prompt-len 4096 --pairs 1 --steps 3 --warmup 2 --paths plain --prefix-sharing mask --llm-attention flex_attention --compile-decoder --timeout 400 ;;
+    fx1k) stage fx1k 440 $dpo --prompt-len 1024 --pairs 1 --steps 3 --warmup 2 --paths fast,plain --prefix-sharing mask --llm-attention flex_attention --compile-decoder --timeout 200 ;;
+    mc4k) stage mc4k 440 $dpo --prompt-len 4096 --pairs 1 --steps 3 --warmup 2 --paths fast --prefix-sharing mask --compile-decoder --timeout 400 ;;
+    f4k) stage f4k 240 $dpo --prompt-len 4096 --pairs 1 --steps 3 --warmup 2 --paths fast --prefix-sharing mask --llm-attention flex_attention --timeout 200 ;;
     *) echo "unknown stage $s" ;;
   esac
 done

@@ -192,6 +192,16 @@ def test_memory_run_replaces_peak_mem_on_cpu(monkeypatch):
     assert calls == [(1, 3, False)]
 
 
+def test_a_path_past_its_timeout_reports_its_last_progress(monkeypatch, tmp_path):
+    """The child's per-step lines on stderr come back with a timeout (there a first step that compiles shows)."""
+    def too_slow(command, **kwargs):
+        raise subprocess.TimeoutExpired(command, kwargs["timeout"], stderr=b"fast: step 1/5 93.210 s\n")
+
+    monkeypatch.setattr(bench.subprocess, "run", too_slow)
+    result = bench.run_child("fast", bench.Settings(), tmp_path, 100.0, memory_run=False)
+    assert result["timeout"] is True and result["last_stderr"] == ["fast: step 1/5 93.210 s"]
+
+
 @pytest.mark.slow
 def test_script_prints_one_json_object():
     command = [sys.executable, str(SCRIPT), "--model", "tiny", "--prompt-len", str(PROMPT), "--response-len",
