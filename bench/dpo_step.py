@@ -492,7 +492,7 @@ def run_ours(path: str, settings: Settings, workdir: Path, cap_memory: bool = Fa
         info["response_rows"], info["response_length"] = map(int, prefix.response_ids.shape)
     elif packed:
         rows = module.pack(batch, module.response_blocks(batch)).input_ids
-        info["prefix_sharing"] = "mask"
+        info["prefix_sharing"] = module.prefix_sharing
         info["packed_rows"], info["packed_length"] = int(rows.shape[0]), int(rows.shape[1])
 
     def step() -> float:  # the phases are labelled for --profile's tables
@@ -844,9 +844,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "so the resident set follows the live tensors) or rss (the timed run's resident set)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per path")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--prefix-sharing", choices=["cache", "mask"], default="cache",
+    parser.add_argument("--prefix-sharing", choices=["cache", "mask", "split"], default="cache",
                         help="the fast paths' DPOModule prefix_sharing (cache: the prompt's KV cache, the default; "
-                             "mask: one packed row per pair under a prefix-sharing mask)")
+                             "mask: one packed row per pair under a prefix-sharing mask; split: those rows with "
+                             "SDPA running the shared prompt causal and a mask for the rest)")
     parser.add_argument("--llm-attention", choices=["sdpa", "eager", "flex_attention"], default=None,
                         help="our paths' DPOModule llm_attention (default: the base's, sdpa)")
     parser.add_argument("--pack-tokens", type=int, default=None,

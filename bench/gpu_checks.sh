@@ -2,7 +2,7 @@
 # The GPU figures of bench/RESULTS.md in one run on a single CUDA GPU (a 7B-shaped random model, bf16):
 #   bash bench/gpu_checks.sh OUT_DIR [STAGES]
 # STAGES (default: env dpo4k sft dpo16k dpo1k, in this order; also dpo4k2 mask4k2 nockpt4k2 fp4k2 fp1k2 fx4k
-# fx4kplain fx1k mc4k f4k, below). PROFILE=1:
+# fx4kplain fx1k mc4k f4k sp4k2 sp1k2 c4k2 sp16k, below). PROFILE=1:
 # dpo4k also writes one profiled step of each of our paths to OUT_DIR/<path>_4096.txt (bench/dpo_step.py --profile).
 # Each stage writes OUT_DIR/<stage>.json (its stderr is appended to OUT_DIR/stderr.log) and has its own time limit,
 # so a failed or slow stage leaves the others' figures. The default stages take one pair per DPO step (the plain
@@ -56,6 +56,13 @@ for s in $stages; do
     fx1k) stage fx1k 440 $dpo --prompt-len 1024 --pairs 1 --steps 3 --warmup 2 --paths fast,plain --prefix-sharing mask --llm-attention flex_attention --compile-decoder --timeout 200 ;;
     mc4k) stage mc4k 440 $dpo --prompt-len 4096 --pairs 1 --steps 3 --warmup 2 --paths fast --prefix-sharing mask --compile-decoder --timeout 400 ;;
     f4k) stage f4k 240 $dpo --prompt-len 4096 --pairs 1 --steps 3 --warmup 2 --paths fast --prefix-sharing mask --llm-attention flex_attention --timeout 200 ;;
+    # the split form (DPOModule prefix_sharing="split": the mask form's rows, SDPA with the prompt causal, the
+    # flash kernel, and a mask for the responses only) beside plain (and TRL at 4k 2 pairs and 16k), and the cache
+    # form alone on the same machine
+    sp4k2) stage sp4k2 260 $dpo --prompt-len 4096 --pairs 2 --steps 3 --paths fast,plain,trl --prefix-sharing split --timeout 80 ;;
+    sp1k2) stage sp1k2 110 $dpo --prompt-len 1024 --pairs 2 --steps 3 --paths fast,plain --prefix-sharing split --timeout 50 ;;
+    c4k2) stage c4k2 80 $dpo --prompt-len 4096 --pairs 2 --steps 3 --paths fast --timeout 70 ;;
+    sp16k) stage sp16k 220 $dpo --prompt-len 16384 --pairs 1 --steps 2 --paths fast,plain,trl --prefix-sharing split --timeout 90 ;;
     *) echo "unknown stage $s" ;;
   esac
 done

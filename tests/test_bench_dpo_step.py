@@ -74,15 +74,17 @@ def test_plain_and_fast_paths_run_a_step_with_the_same_loss(prepared):
     assert rollout["loss_first_step"] == pytest.approx(plain["loss_first_step"], abs=1e-5)
 
 
-def test_mask_prefix_sharing_and_profile(prepared, tmp_path):
-    """--prefix-sharing mask runs the same step as the cache form; --profile writes the phases' table."""
+def test_mask_and_split_prefix_sharing_and_profile(prepared, tmp_path):
+    """--prefix-sharing mask and split run the same step as the cache form; --profile writes the phases' table."""
     from dataclasses import replace
 
     settings, workdir, _ = prepared
     cache = bench.run_path("fast", settings, workdir)
     mask = bench.run_path("fast", replace(settings, prefix_sharing="mask", profile=str(tmp_path)), workdir)
-    assert (cache["prefix_sharing"], mask["prefix_sharing"]) == ("cache", "mask")
+    split = bench.run_path("fast", replace(settings, prefix_sharing="split"), workdir)
+    assert (cache["prefix_sharing"], mask["prefix_sharing"], split["prefix_sharing"]) == ("cache", "mask", "split")
     assert mask["loss_first_step"] == pytest.approx(cache["loss_first_step"], abs=1e-5)
+    assert split["loss_first_step"] == pytest.approx(cache["loss_first_step"], abs=1e-5)
     table = (tmp_path / f"fast_{PROMPT}.txt").read_text()
     assert all(phase in table for phase in ("step: forward + loss", "step: backward", "step: clip + AdamW"))
 

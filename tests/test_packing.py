@@ -9,11 +9,14 @@ from dataclasses import replace
 
 import pytest
 import torch
+from transformers import AttentionInterface
 
 from src.lit.dpo import DPOModule, media_inputs, model_call, response_rows
 from src.losses.logprobs import IGNORE_INDEX, token_logps
 from src.models.lora import LoraSettings
 from src.models.packing import PADDING, PROMPT, pack_preference, pack_rows, prefix_batch
+from src.models.split_attention import NAME as SPLIT_SDPA
+from src.models.split_attention import split_sdpa_attention
 from src.models.vision_attention import NAME as VISION_ATTENTION
 from tests.test_dpo_module import perturb
 
@@ -466,13 +469,13 @@ def test_cache_step_equals_plain_step_values_loss_and_gradients(tiny_base, clips
         assert any("aligner" in n for n in plain_grads) == ("aligner" in trainable)
 
 
-@pytest.mark.parametrize("mode", ["cache", "mask"])
+@pytest.mark.parametrize("mode", ["cache", "mask", "split"])
 def test_prefix_sharing_under_activation_checkpointing_equals_the_plain_step(tiny_base, clips, mode):
     """The 7B recipes train with activation checkpointing. transformers drops a KV cache from a checkpointed layer
     (a cache that appends would be written again when backward recomputes the layer), which left the cache path's
     responses without their prompt (a shape error on the GPU). With checkpointing on and the layers really
     recomputed in backward, both prefix-sharing modes give the plain step's values, loss and gradients."""
-    module = module_for(tiny_base, gt_weight=0.1, activation_checkpointing=True)
+    module = module_for(tiny_base, gt_weight=0.1, activation_checkpointing=True, prefix_sharing=mode)
     module.model.train()  # layers are checkpointed in training mode only (dropout is 0 in this model and LoRA)
     batch = preference_batch(module.processor, clips, "mixed")
     calls = []
@@ -487,6 +490,45 @@ def test_prefix_sharing_under_activation_checkpointing_equals_the_plain_step(tin
     policy_passes = 2 if mode == "cache" else 1
     assert calls.count(True) == 2 * policy_passes, calls
     assert_step_equals_plain(plain, fast, True, f"{mode} under activation checkpointing")
+
+
+@pytest.mark.parametrize("trainable, gt, modality, pairs_per_row", [
+    (("lora",), True, "audio+video", None),  # the reference pass hands its embeddings to the policy
+    (("lora", "aligner", "merger"), True, "mixed", None),  # prompts of different lengths: padding, a longer tail
+    (("lora", "aligner", "merger"), False, "video", 2),  # a second pair in a row: under the mask part
+])
+def test_split_step_equals_plain_step_values_loss_and_gradients(tiny_base, clips, monkeypatch, trainable, gt,
+                                                                modality, pairs_per_row):
+    """prefix_sharing='split' (src.models.split_attention: the rows' shared prompt prefix causal, the rest under a
+    mask) gives the plain step's values, loss and gradients; every decoder layer of the packed passes really runs
+    the two calls, and the plain path on the same model (its implementation set to the split one) runs SDPA."""
+    module = module_for(tiny_base, trainable, gt_weight=0.1 if gt else 0.0, prefix_sharing="split")
+    assert module.model.llm.config._attn_implementation == SPLIT_SDPA
+    batch = preference_batch(module.processor, clips, modality, gt=gt)
+    module.pack_tokens = budget(batch, 3 if gt else 2, pairs_per_row)
+    calls = []
+
+    def counted(attention, query, key, value, mask, **kwargs):
+        calls.append(type(mask).__name__)
+        return split_sdpa_attention(attention, query, key, value, mask, **kwargs)
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, SPLIT_SDPA, counted)
+    plain = cache_step(module, batch, "plain")
+    plain_calls, calls[:] = list(calls), []
+    split = cache_step(module, batch, "split")
+    layers = len(module.model.llm.layers)
+    assert "SplitMask" not in plain_calls and len(plain_calls) == 2 * layers  # reference + policy
+    assert calls == ["SplitMask"] * 2 * layers, calls
+    assert_step_equals_plain(plain, split, gt, f"split {trainable} gt={gt} {modality} {pairs_per_row}")
+
+
+def test_split_form_needs_sdpa_and_no_compile(tiny_base):
+    with pytest.raises(ValueError, match="runs SDPA"):
+        DPOModule(base=str(tiny_base), prefix_sharing="split", llm_attention="flex_attention")
+    with pytest.raises(ValueError, match="compile_decoder needs"):
+        DPOModule(base=str(tiny_base), prefix_sharing="split", compile_decoder=True)
+    with pytest.raises(ValueError, match="prefix_sharing must be"):
+        DPOModule(base=str(tiny_base), prefix_sharing="kv")
 
 
 def test_cache_token_logps_equal_the_stacked_sequences(tiny_base, clips):

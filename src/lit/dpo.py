@@ -31,6 +31,9 @@ One step, for a batch of b pairs (src.models.processor.AVProcessor.collate_prefe
   the prompt and its own past, and each response's own positions (src.models.packing.PrefixBatch). SDPA then runs
   causal prompts and short response queries only, and no copy of the prompt's keys is made per response. The reference
   runs both passes over chosen and rejected; its prompt pass's embeddings feed the policy's when shared.
+  ``prefix_sharing="split"`` is the mask form's rows under SDPA in two calls per layer
+  (src.models.split_attention): the rows' shared prompt prefix causal, the flash kernel, and only the queries
+  after it under a mask: the cache form's attention work in one pass, no copy of the prompt's keys, no L x L mask.
   ``packed=False`` is the plain stacked path above, kept as the oracle: all give the same per-pair log-probs, gt
   CE and loss (tests/test_packing.py).
 - Loss: mean over pairs of gdpo_loss = preference loss (``loss_type`` sigmoid | ipo) + gt_weight * gt CE.
@@ -60,9 +63,10 @@ from src.models.lora import LoraSettings, clear_optimizer_state_, fold_lora_, lo
 from src.models.packing import (PackedPairs, PrefixBatch, PrefixCache, cache_through_checkpointing, pack_preference,
                                  prefix_batch)
 from src.models.reference import ReferenceSnapshot, reference_mode
+from src.models.split_attention import NAME as SPLIT_SDPA
 
 LossType = Literal["sigmoid", "ipo"]
-PrefixSharing = Literal["cache", "mask"]
+PrefixSharing = Literal["cache", "mask", "split"]
 DPO_TRAINABLE = ("lora", "aligner", "merger")  # the paper's DPO stage: a fresh LoRA + aligner + visual merger
 MEDIA_INPUTS = ("pixel_values_videos", "video_grid_thw", "input_features", "audio_chunks", "audio_windows")
 CHECKPOINT_KEY = "dpo"
@@ -111,7 +115,9 @@ class DPOModule(pl.LightningModule):
             base's (sdpa). "flex_attention" takes the packed rows' BlockMask, which skips the blocks between pairs
             and responses: the CUDA choice with ``pack_tokens``. Only the decoder switches; the encoders keep theirs.
         prefix_sharing: with ``packed``, "cache" (default: prompts once with a KV cache, then the responses on
-            it; no L x L mask) or "mask" (one packed row per pair or per budget with a 4-D mask / BlockMask).
+            it; no L x L mask), "mask" (one packed row per pair or per budget with a 4-D mask / BlockMask) or
+            "split" (the mask form's rows, SDPA with the shared prompt causal and a mask for the rest; needs
+            llm_attention None or "sdpa", and is the one-pass form to use with SDPA).
         compile_decoder: torch.compile each LLM decoder layer (regional compilation: one compiled graph serves
             every layer; dynamic shapes, so new lengths do not recompile). Needs prefix_sharing "mask" or the
             plain path (the cache form's KV cache would specialise a graph per layer). Meant for a GPU, where a
@@ -136,12 +142,15 @@ class DPOModule(pl.LightningModule):
             raise ValueError(f"pack_tokens must be >= 1 or None, got {pack_tokens}")
         if llm_attention not in (None, "sdpa", "eager", "flex_attention"):
             raise ValueError(f"llm_attention must be sdpa, eager, flex_attention or None, got {llm_attention!r}")
-        if prefix_sharing not in ("cache", "mask"):
-            raise ValueError(f"prefix_sharing must be 'cache' or 'mask', got {prefix_sharing!r}")
-        if compile_decoder and packed and prefix_sharing == "cache":
+        if prefix_sharing not in ("cache", "mask", "split"):
+            raise ValueError(f"prefix_sharing must be 'cache', 'mask' or 'split', got {prefix_sharing!r}")
+        if compile_decoder and packed and prefix_sharing != "mask":
             raise ValueError("compile_decoder needs prefix_sharing='mask' (or packed=False): the cache form's KV cache "
                              "reads each layer's index, so torch.compile would build one graph per layer and, past "
-                             "its recompile limit (8), run the remaining layers eagerly")
+                             "its recompile limit (8), run the remaining layers eagerly; the split form is untried "
+                             "under compile")
+        if packed and prefix_sharing == "split" and llm_attention not in (None, "sdpa"):
+            raise ValueError(f"prefix_sharing='split' runs SDPA (llm_attention None or 'sdpa'), got {llm_attention!r}")
         self.save_hyperparameters()
         self.base, self.beta, self.gt_weight, self.loss_type, self.lr = base, beta, gt_weight, loss_type, lr
         self.lora = lora if isinstance(lora, LoraSettings) else LoraSettings(**lora)
@@ -164,8 +173,10 @@ class DPOModule(pl.LightningModule):
             return
         self.model, self.processor = build_trainable_model(self.base, self.trainable, self.lora,
                                                            self.activation_checkpointing)
-        if self.llm_attention is not None:
-            self.model.llm.config._attn_implementation = self.llm_attention  # read by every decoder layer per call
+        if self.packed and self.prefix_sharing == "split":  # SDPA that also takes a SplitMask
+            self.model.llm.config._attn_implementation = SPLIT_SDPA  # read by every decoder layer per call
+        elif self.llm_attention is not None:
+            self.model.llm.config._attn_implementation = self.llm_attention
         self.reference_snapshot = ReferenceSnapshot.take(self.model)
         shard_under_model_parallel(self, self.model)
         if self.compile_decoder:
@@ -218,7 +229,7 @@ class DPOModule(pl.LightningModule):
         missing = ref_chosen.isnan() | ref_rejected.isnan()
         reference = on_any_rank(bool(missing.any()), ref_chosen.device)
         forward = self.plain_logps if not self.packed else (
-            self.prefix_logps if self.prefix_sharing == "cache" else self.packed_logps)
+            self.prefix_logps if self.prefix_sharing == "cache" else self.packed_logps)  # mask and split
         out = forward(batch, blocks, reference)
         if reference:
             out["ref_chosen"] = torch.where(missing, out["ref_chosen"], ref_chosen)

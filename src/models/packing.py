@@ -23,7 +23,8 @@ Cost: the dense mask is (r, 1, L, L) additive float (one tensor per rows, shared
 (on CPU). SDPA with a dense mask computes every
 query-key block, so several pairs in one row cost more attention FLOPs than one row per pair; FlexAttention's
 BlockMask (``attention_mask(..., "flex_attention")``, CUDA) skips the blocks between pairs, which is where
-packing several pairs per row pays.
+packing several pairs per row pays. ``attention_mask(..., SPLIT_SDPA)`` (src.models.split_attention) gives SDPA
+the rows' shared prompt prefix as "causal", its flash kernel, and a mask for the queries after it only.
 
 ``PrefixBatch`` / ``prefix_batch`` (the default in DPOModule, ``prefix_sharing="cache"``) share the prompt
 through the KV cache instead: the b prompts in one causal pass with a cache, then one row per pair
@@ -41,6 +42,8 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from src.losses.logprobs import IGNORE_INDEX
+from src.models.split_attention import NAME as SPLIT_SDPA
+from src.models.split_attention import SplitMask
 
 PROMPT = 0  # part id of prompt tokens; response j (0 chosen, 1 rejected, 2 gt) has part id j + 1
 PADDING = -1  # pair and part id of padding tokens
@@ -69,14 +72,27 @@ class PackedPairs:
     rows: list[list[int]]
     _masks: dict = field(default_factory=dict, repr=False, compare=False)
 
-    def dense_mask(self) -> torch.Tensor:
-        """(r, 1, L, L) bool, True = attend (the SDPA convention; transformers passes a 4-D mask through)."""
-        pair_q, pair_k = self.pair[:, :, None], self.pair[:, None, :]
-        part_q, part_k = self.part[:, :, None], self.part[:, None, :]
+    def dense_mask(self, start: int = 0) -> torch.Tensor:
+        """(r, 1, L - start, L) bool, True = attend (the SDPA convention; transformers passes a 4-D mask through):
+        the rows of the queries from ``start`` on (all by default)."""
+        pair_q, pair_k = self.pair[:, start:, None], self.pair[:, None, :]
+        part_q, part_k = self.part[:, start:, None], self.part[:, None, :]
         cols = torch.arange(self.pair.shape[1], device=self.pair.device)
-        causal = cols[None, :] <= cols[:, None]
-        visible = (pair_q == pair_k) & (pair_q != PADDING) & causal & ((part_k == PROMPT) | (part_k == part_q))
-        return (visible | torch.eye(len(cols), dtype=torch.bool, device=cols.device)).unsqueeze(1)
+        rows = cols[start:, None]
+        visible = (pair_q == pair_k) & (pair_q != PADDING) & (cols[None, :] <= rows)
+        visible &= (part_k == PROMPT) | (part_k == part_q)
+        return (visible | (cols[None, :] == rows)).unsqueeze(1)
+
+    def shared_prefix(self) -> int:
+        """The length of the shortest first prompt over the rows: tokens [0, prefix) of every row are one prompt,
+        causal among themselves (src.models.split_attention)."""
+        leading = (self.part == PROMPT).int().cumprod(dim=1).sum(dim=1)
+        return int(leading.min())
+
+    def split_mask(self, dtype: torch.dtype) -> SplitMask:
+        """The mask as a SplitMask: the shared prefix causal, an additive mask for the queries after it."""
+        prefix = self.shared_prefix()
+        return SplitMask(prefix, additive(self.dense_mask(prefix), dtype))
 
     def mask_mod(self):
         """The mask as a FlexAttention mask_mod over (row, head, query, key) indices, read from the pair / part
@@ -100,7 +116,8 @@ class PackedPairs:
 
     def attention_mask(self, implementation: str, dtype: torch.dtype = torch.float32):
         """The mask in the form ``implementation`` (the LLM config's _attn_implementation) takes: sdpa and eager ->
-        additive float (0 / dtype min, in the model's ``dtype``), flex_attention -> BlockMask. Built once per
+        additive float (0 / dtype min, in the model's ``dtype``), flex_attention -> BlockMask, SPLIT_SDPA -> a
+        SplitMask for every layer type (src.models.split_attention). Built once per
         (implementation, dtype) and kept: every layer of every pass over these rows reads the SAME tensor. (A bool
         mask would be turned into a float one by SDPA at every layer call, one (r, 1, L, L) copy per layer kept
         for backward.)"""
@@ -110,6 +127,8 @@ class PackedPairs:
         return self._masks[key]
 
     def _build_mask(self, implementation: str, dtype: torch.dtype):
+        if implementation == SPLIT_SDPA:
+            return self.split_mask(dtype).layer_masks()
         return mask_in_form(implementation, dtype, self.dense_mask, self.block_mask)
 
     def model_inputs(self, implementation: str, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
@@ -145,11 +164,15 @@ def mask_in_form(implementation: str, dtype: torch.dtype, dense, block):
     in ``dtype`` from ``dense()`` (bool, True = attend), flex_attention -> ``block()`` (a BlockMask)."""
     if implementation == "flex_attention":
         return block()
-    if implementation in ("sdpa", "eager"):
-        seen = dense()
-        return torch.zeros(seen.shape, dtype=dtype, device=seen.device).masked_fill(~seen, torch.finfo(dtype).min)
+    if implementation in ("sdpa", "eager", SPLIT_SDPA):  # the split form passes a plain 4-D mask to SDPA
+        return additive(dense(), dtype)
     raise ValueError(f"prefix sharing needs an explicit mask; attention implementation {implementation!r} has no "
-                     "4-D mask path here (use sdpa, eager or flex_attention)")
+                     f"4-D mask path here (use sdpa, eager, flex_attention or {SPLIT_SDPA})")
+
+
+def additive(seen: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool mask (True = attend) as the additive float one: 0 where seen, dtype's min elsewhere."""
+    return torch.zeros(seen.shape, dtype=dtype, device=seen.device).masked_fill(~seen, torch.finfo(dtype).min)
 
 
 def _real(row: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
