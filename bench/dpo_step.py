@@ -131,7 +131,7 @@ class Settings:
     memory: str = "live"
     seed: int = 0
     profile: str | None = None
-    prefix_sharing: str = "cache"
+    prefix_sharing: str = "split"
     llm_attention: str | None = None
     pack_tokens: int | None = None
     compile_decoder: bool = False
@@ -844,10 +844,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "so the resident set follows the live tensors) or rss (the timed run's resident set)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per path")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--prefix-sharing", choices=["cache", "mask", "split"], default="cache",
-                        help="the fast paths' DPOModule prefix_sharing (cache: the prompt's KV cache, the default; "
-                             "mask: one packed row per pair under a prefix-sharing mask; split: those rows with "
-                             "SDPA running the shared prompt causal and a mask for the rest)")
+    parser.add_argument("--prefix-sharing", choices=["cache", "mask", "split"], default="split",
+                        help="the fast paths' DPOModule prefix_sharing (split, the default: one packed row per pair, "
+                             "SDPA with the shared prompt causal and a mask for the rest; cache: the prompt's KV "
+                             "cache; mask: those rows under one prefix-sharing mask)")
     parser.add_argument("--llm-attention", choices=["sdpa", "eager", "flex_attention"], default=None,
                         help="our paths' DPOModule llm_attention (default: the base's, sdpa)")
     parser.add_argument("--pack-tokens", type=int, default=None,

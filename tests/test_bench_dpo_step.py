@@ -79,7 +79,7 @@ def test_mask_and_split_prefix_sharing_and_profile(prepared, tmp_path):
     from dataclasses import replace
 
     settings, workdir, _ = prepared
-    cache = bench.run_path("fast", settings, workdir)
+    cache = bench.run_path("fast", replace(settings, prefix_sharing="cache"), workdir)
     mask = bench.run_path("fast", replace(settings, prefix_sharing="mask", profile=str(tmp_path)), workdir)
     split = bench.run_path("fast", replace(settings, prefix_sharing="split"), workdir)
     assert (cache["prefix_sharing"], mask["prefix_sharing"], split["prefix_sharing"]) == ("cache", "mask", "split")

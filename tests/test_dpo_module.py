@@ -130,7 +130,7 @@ def counters(model) -> dict[str, Counter]:
 
 
 MODES = {"cache": {"packed": True, "prefix_sharing": "cache"}, "mask": {"packed": True, "prefix_sharing": "mask"},
-         "plain": {"packed": False}}
+         "split": {"packed": True, "prefix_sharing": "split"}, "plain": {"packed": False}}
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -228,6 +228,7 @@ def test_gt_weight_needs_gt_and_zero_skips_the_gt_rows(tiny_base, synthav, tmp_p
     # [chosen | rejected], each in a slot as long as the longest response
     rows = {"plain": [(8, int(batch["attention_mask"][:8].sum(1).max()))],
             "mask": [(4, int((prompt + labelled[0] + labelled[1]).max()))],
+            "split": [(4, int((prompt + labelled[0] + labelled[1]).max()))],
             "cache": [(4, int(prompt.max())), (4, 2 * int(labelled[:2].max()))]}[mode]
     assert [tuple(s) for s in shapes] == rows * 2
     loss, stats = plain.loss_and_stats(out)

@@ -320,7 +320,7 @@ def test_flex_attention_cache_form_equals_sdpa_on_cpu(tiny_base, clips):
     values = {}
     for kernel in ("sdpa", "flex_attention"):
         torch.manual_seed(0)
-        module = module_for(tiny_base, llm_attention=kernel)
+        module = module_for(tiny_base, llm_attention=kernel, prefix_sharing="cache")
         with torch.no_grad():
             values[kernel] = module.preference_forward(batch)
     for key, value in values["sdpa"].items():
@@ -460,8 +460,7 @@ def cache_step(module: DPOModule, batch: dict, mode: str):
     (("lora", "aligner", "merger"), True, "mixed"),
 ])
 def test_cache_step_equals_plain_step_values_loss_and_gradients(tiny_base, clips, trainable, gt, modality):
-    module = module_for(tiny_base, trainable, gt_weight=0.1 if gt else 0.0)
-    assert module.prefix_sharing == "cache" and module.packed  # the default
+    module = module_for(tiny_base, trainable, gt_weight=0.1 if gt else 0.0, prefix_sharing="cache")
     batch = preference_batch(module.processor, clips, modality, gt=gt)
     plain_grads = assert_step_equals_plain(cache_step(module, batch, "plain"), cache_step(module, batch, "cache"),
                                            gt, f"cache {trainable} gt={gt} {modality}")
