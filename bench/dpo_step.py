@@ -21,11 +21,12 @@ beta 0.1 and lambda 0.1 on the SAME LLM (same config, same weights) and the same
   paths (TRL's own default is on; the benchmark's is off, on for the 7b). TRL 1.16 takes log-probs through its
   own fused, chunked LM head (no full logits tensor): on CPU over every position, on CUDA (Triton) over the
   completion positions only.
-- fast: DPOModule with ``packed=True`` and its default ``prefix_sharing="cache"``: the prompts once, their KV
-  cache shared by the chosen, rejected and gt responses (src.models.packing.PrefixBatch), the LM head on response
-  tokens only. Measured twice: ``fast`` with the reference pass every step (the fair
-  comparison with plain and TRL) and ``fast_rollout_ref`` with reference log-probs supplied by the rows, as the
-  MrDPO rollout provides them (no reference pass at all).
+- fast: DPOModule with ``packed=True`` and its default ``prefix_sharing="split"`` (--prefix-sharing): each pair
+  one packed row [prompt | chosen | rejected | gt], the prompt once, SDPA with the shared prompt causal and a mask
+  for the responses (src.models.split_attention; "cache": the prompts once, their KV cache shared by the
+  responses, src.models.packing.PrefixBatch), the LM head on response tokens only. Measured twice: ``fast``
+  with the reference pass every step (the fair comparison with plain and TRL) and ``fast_rollout_ref`` with
+  reference log-probs supplied by the rows, as the MrDPO rollout provides them (no reference pass at all).
 
 plain and fast get the same audio-visual prompt: a synthetic clip (random frames at --frame-side px, 2 frames per
 second, random 16 kHz audio) long enough that media tokens fill the prompt, plus the chat template and text so

@@ -11,6 +11,7 @@
 # and reused by every stage.
 # Stage limits: 30 + 250 + 150 + 200 + 100 s (+ 170 + 60 + 60); on an H100 (2026-11-27) the default stages took
 # 20 + 189 + 32 + 108 + 54 s and dpo4k2 mask4k2 nockpt4k2 168 + 50 + 46 s, plus about 1 min to start the machine.
+# "fast" is DPOModule's default prefix sharing: the split form since 2026-11-27, the cache form in earlier runs.
 # On a machine without the project's packages, install them first (bench/RESULTS.md names the wheels).
 set -u
 out=${1:?usage: bench/gpu_checks.sh OUT_DIR [STAGES]}
@@ -56,14 +57,16 @@ for s in $stages; do
     fx1k) stage fx1k 440 $dpo --prompt-len 1024 --pairs 1 --steps 3 --warmup 2 --paths fast,plain --prefix-sharing mask --llm-attention flex_attention --compile-decoder --timeout 200 ;;
     mc4k) stage mc4k 440 $dpo --prompt-len 4096 --pairs 1 --steps 3 --warmup 2 --paths fast --prefix-sharing mask --compile-decoder --timeout 400 ;;
     f4k) stage f4k 240 $dpo --prompt-len 4096 --pairs 1 --steps 3 --warmup 2 --paths fast --prefix-sharing mask --llm-attention flex_attention --timeout 200 ;;
-    # the split form (DPOModule prefix_sharing="split": the mask form's rows, SDPA with the prompt causal, the
-    # flash kernel, and a mask for the responses only) beside plain (and TRL at 4k 2 pairs and 16k), and the cache
-    # form alone on the same machine
+    # the split form (DPOModule prefix_sharing="split", the default since 2026-11-27: the mask form's rows, SDPA
+    # with the prompt causal, the flash kernel, and a mask for the responses only) beside plain (and TRL at 4k 2
+    # pairs and 16k), and the cache form alone on the same machine. On an H100 (2026-11-27) sp4k2 c4k2 sp16k sp1k2
+    # took 154 + 46 + 113 + 63 s, sp4k1 69 s and sp1k1 74 s on a warm machine; the first stage of a fresh machine
+    # also builds the 7B base (about 40 s), which sp1k1's old 90 s limit did not cover.
     sp4k2) stage sp4k2 260 $dpo --prompt-len 4096 --pairs 2 --steps 3 --paths fast,plain,trl --prefix-sharing split --timeout 80 ;;
     sp1k2) stage sp1k2 110 $dpo --prompt-len 1024 --pairs 2 --steps 3 --paths fast,plain --prefix-sharing split --timeout 50 ;;
-    c4k2) stage c4k2 80 $dpo --prompt-len 4096 --pairs 2 --steps 3 --paths fast --timeout 70 ;;
+    c4k2) stage c4k2 80 $dpo --prompt-len 4096 --pairs 2 --steps 3 --paths fast --prefix-sharing cache --timeout 70 ;;
     sp16k) stage sp16k 220 $dpo --prompt-len 16384 --pairs 1 --steps 2 --paths fast,plain,trl --prefix-sharing split --timeout 90 ;;
-    sp1k1) stage sp1k1 90 $dpo --prompt-len 1024 --pairs 1 --steps 3 --paths fast,plain --prefix-sharing split --timeout 45 ;;
+    sp1k1) stage sp1k1 130 $dpo --prompt-len 1024 --pairs 1 --steps 3 --paths fast,plain --prefix-sharing split --timeout 45 ;;
     sp4k1) stage sp4k1 120 $dpo --prompt-len 4096 --pairs 1 --steps 3 --paths fast,plain --prefix-sharing split --timeout 60 ;;
     *) echo "unknown stage $s" ;;
   esac
