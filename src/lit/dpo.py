@@ -34,8 +34,9 @@ One step, for a batch of b pairs (src.models.processor.AVProcessor.collate_prefe
   ``prefix_sharing="split"`` (the default) is the mask form's rows under SDPA in two calls per layer
   (src.models.split_attention): the rows' shared prompt prefix causal, the flash kernel, and only the queries
   after it under a mask: the cache form's attention work in one pass (half its kernel launches), no copy of the
-  prompt's keys, no L x L mask. On an H100 (7B shapes) it is 1.02-1.26x the cache form's pairs/s; on the CPU
-  the same within 3% (bench/RESULTS.md).
+  prompt's keys, no L x L mask. On an H100 (7B shapes) it gave 1.03x the cache form's pairs/s at 4k with 2 pairs
+  (same run) and 1.20-1.26x at 1 pair or 1k (against earlier runs); on the CPU the same within 3%
+  (bench/RESULTS.md).
   ``packed=False`` is the plain stacked path above, kept as the oracle: all give the same per-pair log-probs, gt
   CE and loss (tests/test_packing.py).
 - Loss: mean over pairs of gdpo_loss = preference loss (``loss_type`` sigmoid | ipo) + gt_weight * gt CE.

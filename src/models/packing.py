@@ -26,7 +26,7 @@ BlockMask (``attention_mask(..., "flex_attention")``, CUDA) skips the blocks bet
 packing several pairs per row pays. ``attention_mask(..., SPLIT_SDPA)`` (src.models.split_attention) gives SDPA
 the rows' shared prompt prefix as "causal", its flash kernel, and a mask for the queries after it only.
 
-``PrefixBatch`` / ``prefix_batch`` (the default in DPOModule, ``prefix_sharing="cache"``) share the prompt
+``PrefixBatch`` / ``prefix_batch`` (DPOModule ``prefix_sharing="cache"``) share the prompt
 through the KV cache instead: the b prompts in one causal pass with a cache, then one row per pair
 [chosen | rejected | gt] on that cache, with a (k R x (P + k R)) mask (no prompt x prompt block); the same split
 (``_split_pair``), positions and targets.
@@ -164,7 +164,7 @@ def mask_in_form(implementation: str, dtype: torch.dtype, dense, block):
     in ``dtype`` from ``dense()`` (bool, True = attend), flex_attention -> ``block()`` (a BlockMask)."""
     if implementation == "flex_attention":
         return block()
-    if implementation in ("sdpa", "eager", SPLIT_SDPA):  # the split form passes a plain 4-D mask to SDPA
+    if implementation in ("sdpa", "eager", SPLIT_SDPA):  # SPLIT_SDPA hands an ordinary 4-D mask to SDPA
         return additive(dense(), dtype)
     raise ValueError(f"prefix sharing needs an explicit mask; attention implementation {implementation!r} has no "
                      f"4-D mask path here (use sdpa, eager, flex_attention or {SPLIT_SDPA})")
