@@ -856,7 +856,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "(default: one row per pair)")
     parser.add_argument("--compile-decoder", action="store_true",
                         help="our paths' DPOModule compile_decoder (torch.compile of each decoder layer; the "
-                             "compile falls in the warm-up steps); with --prefix-sharing mask")
+                             "compile falls in the warm-up steps); with --prefix-sharing split or mask")
     parser.add_argument("--profile", default=None,
                         help="folder: one more untimed step of each of our paths (not TRL) under torch.profiler, "
                              "its tables written there")
@@ -879,8 +879,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--device cuda: no CUDA device here")
     if args.frame_side is not None and args.frame_side % 28:
         parser.error("--frame-side must be a multiple of 28 (patch 14 x merge 2)")
-    if args.compile_decoder and args.prefix_sharing != "mask":
-        parser.error("--compile-decoder needs --prefix-sharing mask (the cache form would compile a graph per layer)")
+    if args.compile_decoder and args.prefix_sharing == "cache":
+        parser.error("--compile-decoder needs --prefix-sharing split or mask (the cache form would compile a graph "
+                     "per layer)")
     if min(args.prompt_len, args.response_len, args.pairs, args.steps) < 1 or args.warmup < 0:
         parser.error("--prompt-len, --response-len, --pairs and --steps must be >= 1, --warmup >= 0")
     return args

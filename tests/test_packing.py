@@ -355,7 +355,7 @@ def test_compile_decoder_compiles_every_llm_layer_and_nothing_else(tiny_base):
     assert layers and all(layer._compiled_call_impl is not None for layer in layers)
     compiled = [m for m in module.model.modules() if getattr(m, "_compiled_call_impl", None) is not None]
     assert len(compiled) == len(layers) and all(any(m is layer for layer in layers) for m in compiled)
-    with pytest.raises(ValueError, match="compile_decoder needs prefix_sharing='mask'"):
+    with pytest.raises(ValueError, match="compile_decoder needs prefix_sharing 'split' or 'mask'"):
         DPOModule(base=str(tiny_base), prefix_sharing="cache", compile_decoder=True)
     plain = DPOModule(base=str(tiny_base), lora=LoraSettings(**LORA))
     plain.configure_model()
@@ -363,23 +363,30 @@ def test_compile_decoder_compiles_every_llm_layer_and_nothing_else(tiny_base):
 
 
 @pytest.mark.slow
-def test_compile_decoder_gives_the_eager_loss_and_gradients_with_one_graph_for_all_layers(tiny_base, clips):
-    """The mask form (no KV cache, so no layer index reaches the graph) with compiled decoder layers, activation
-    checkpointing on: the eager step's loss and gradients (fp32), and dynamo builds ONE graph that serves both
-    decoder layers (the rows carry reference log-probs, as the rollout's do, so no no-grad pass adds a graph of
-    its own). (CPU inductor: ~30 s.)"""
+@pytest.mark.parametrize("prefix_sharing", ["mask", "split"])
+def test_compile_decoder_gives_the_eager_loss_and_gradients_with_one_graph_for_all_layers(tiny_base, clips,
+                                                                                        prefix_sharing):
+    """The mask and split forms (no KV cache, so no layer index reaches the graph) with compiled decoder layers,
+    activation checkpointing on: the eager step's loss and gradients (fp32), and dynamo builds ONE graph that
+    serves both decoder layers (the rows carry reference log-probs, as the rollout's do, so no no-grad pass adds a
+    graph of its own), and still one after a batch of other lengths and another shared prompt prefix. (CPU
+    inductor: ~30 s each.)"""
     from torch._dynamo.utils import counters
 
-    batch = preference_batch(module_for(tiny_base).processor, clips, "mixed")
-    with torch.no_grad():
-        out = module_for(tiny_base).preference_forward(batch)
-    batch["ref_chosen_logps"], batch["ref_rejected_logps"] = out["ref_chosen"], out["ref_rejected"]
+    def with_reference(order):
+        batch = preference_batch(module_for(tiny_base).processor, order, "mixed")
+        with torch.no_grad():
+            out = module_for(tiny_base).preference_forward(batch)
+        batch["ref_chosen_logps"], batch["ref_rejected_logps"] = out["ref_chosen"], out["ref_rejected"]
+        return batch
+
+    batch = with_reference(clips)
     torch._dynamo.reset()
     counters.clear()
     results = {}
     for compiled in (False, True):
         torch.manual_seed(0)
-        module = module_for(tiny_base, prefix_sharing="mask", compile_decoder=compiled,
+        module = module_for(tiny_base, prefix_sharing=prefix_sharing, compile_decoder=compiled,
                             activation_checkpointing=True)
         module.model.train()
         loss, _ = module.loss_and_stats(module.preference_forward(batch))
@@ -391,6 +398,11 @@ def test_compile_decoder_gives_the_eager_loss_and_gradients_with_one_graph_for_a
     for name, grad in grads.items():
         assert torch.allclose(grad, eager_grads[name], rtol=1e-4, atol=1e-6), name
     assert len(module.model.llm.layers) == 2 and counters["stats"]["unique_graphs"] == 1
+    other = with_reference(clips[:2])
+    rows = [pack_preference(b, 3, None, module.processor.pad_token_id) for b in (batch, other)]
+    assert rows[0].input_ids.shape != rows[1].input_ids.shape and rows[0].shared_prefix() != rows[1].shared_prefix()
+    module.loss_and_stats(module.preference_forward(other))[0].backward()
+    assert counters["stats"]["unique_graphs"] == 1
 
 # -- KV-cache prefix sharing (prefix_sharing="cache") -------------------------------------------------------------
 
@@ -521,11 +533,9 @@ def test_split_step_equals_plain_step_values_loss_and_gradients(tiny_base, clips
     assert_step_equals_plain(plain, split, gt, f"split {trainable} gt={gt} {modality} {pairs_per_row}")
 
 
-def test_split_form_needs_sdpa_and_no_compile(tiny_base):
+def test_split_form_needs_sdpa(tiny_base):
     with pytest.raises(ValueError, match="runs SDPA"):
         DPOModule(base=str(tiny_base), prefix_sharing="split", llm_attention="flex_attention")
-    with pytest.raises(ValueError, match="compile_decoder needs"):
-        DPOModule(base=str(tiny_base), prefix_sharing="split", compile_decoder=True)
     with pytest.raises(ValueError, match="prefix_sharing must be"):
         DPOModule(base=str(tiny_base), prefix_sharing="kv")
 
