@@ -35,8 +35,9 @@ One step, for a batch of b pairs (src.models.processor.AVProcessor.collate_prefe
   (src.models.split_attention): the rows' shared prompt prefix causal, the flash kernel, and only the queries
   after it under a mask: the cache form's attention work in one pass (half its kernel launches), no copy of the
   prompt's keys, no L x L mask. On an H100 (7B shapes) it gave 1.03x the cache form's pairs/s at 4k with 2 pairs
-  (same run) and 1.20-1.26x at 1 pair or 1k (against earlier runs); on the CPU the same within 3%
-  (bench/RESULTS.md).
+  (same run) and 1.20-1.26x at 1 pair or 1k (against earlier runs). On a 2-core CPU at 4k the cache form is about
+  10% faster (the split form's larger matrices and elementwise tensors fall out of the CPU's caches; at the
+  embedded default's ~110-token prompts the two are even): choose "cache" there (bench/RESULTS.md).
   ``packed=False`` is the plain stacked path above, kept as the oracle: all give the same per-pair log-probs, gt
   CE and loss (tests/test_packing.py).
 - Loss: mean over pairs of gdpo_loss = preference loss (``loss_type`` sigmoid | ipo) + gt_weight * gt CE.
