@@ -124,9 +124,8 @@ class DPOModule(pl.LightningModule):
             BlockMask: the form for eager and flex_attention).
         compile_decoder: torch.compile each LLM decoder layer (regional compilation: one compiled graph serves
             every layer; dynamic shapes, so new lengths and prompt prefixes do not recompile). Needs prefix_sharing
-            "split" or "mask", or the plain path (the cache form's KV cache would specialise a graph per layer). Meant for a GPU, where a
-            7B's short kernels are launch-bound (unmeasured there yet; no gain on CPU); costs a compile at the
-            first steps.
+            "split" or "mask", or the plain path (the cache form's KV cache would specialise a graph per layer).
+            Meant for a GPU (unmeasured there yet; no gain on CPU); costs a compile at the first steps.
     """
 
     def __init__(self, base: str, beta: float = BETA, gt_weight: float = GT_WEIGHT, loss_type: LossType = "sigmoid",
@@ -150,9 +149,8 @@ class DPOModule(pl.LightningModule):
             raise ValueError(f"prefix_sharing must be 'cache', 'mask' or 'split', got {prefix_sharing!r}")
         if compile_decoder and packed and prefix_sharing == "cache":
             raise ValueError("compile_decoder needs prefix_sharing 'split' or 'mask' (or packed=False): the cache "
-                             "form's KV cache "
-                             "reads each layer's index, so torch.compile would build one graph per layer and, past "
-                             "its recompile limit (8), run the remaining layers eagerly")
+                             "form's KV cache reads each layer's index, so torch.compile would build one graph per "
+                             "layer and, past its recompile limit (8), run the remaining layers eagerly")
         if packed and prefix_sharing == "split" and llm_attention not in (None, "sdpa"):
             raise ValueError(f"prefix_sharing='split' (the default) runs SDPA (llm_attention None or 'sdpa'), got "
                              f"llm_attention={llm_attention!r}: choose prefix_sharing 'mask' or 'cache' with it")

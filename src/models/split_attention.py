@@ -14,7 +14,8 @@ additive mask of the queries after it, (r, 1, L - prefix, L). ``split_sdpa_atten
 which is the function of the one dense mask, row for row, with the work of the KV-cache form (prompt causal,
 responses against prompt + responses) and the kernel launches of one pass. Any other mask (a plain tensor or
 None: generation, the plain path) goes to transformers' SDPA function unchanged, so a model can keep this
-implementation for everything. tests/test_packing.py checks it against the dense mask, values and gradients.
+implementation for everything. tests/test_split_attention.py checks it against one call under the dense mask,
+values and gradients; tests/test_packing.py the DPO step against the plain path.
 """
 
 from __future__ import annotations
