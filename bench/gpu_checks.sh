@@ -2,7 +2,7 @@
 # The GPU figures of bench/RESULTS.md in one run on a single CUDA GPU (a 7B-shaped random model, bf16):
 #   bash bench/gpu_checks.sh OUT_DIR [STAGES]
 # STAGES (default: env dpo4k sft dpo16k dpo1k, in this order; also dpo4k2 mask4k2 nockpt4k2 fp4k2 fp1k2 fx4k
-# fx4kplain fx1k mc4k f4k sp4k2 sp1k2 c4k2 sp16k sp1k1 sp4k1 sxc4k2,
+# fx4kplain fx1k mc4k f4k sp4k2 sp1k2 c4k2 sp16k sp1k1 sp4k1 sxc4k2 rr4k2 rr16k,
 # below). PROFILE=1:
 # dpo4k also writes one profiled step of each of our paths to OUT_DIR/<path>_4096.txt (bench/dpo_step.py --profile).
 # Each stage writes OUT_DIR/<stage>.json (its stderr is appended to OUT_DIR/stderr.log) and has its own time limit,
@@ -72,6 +72,10 @@ for s in $stages; do
     # the default split form with each decoder layer compiled (one graph for all layers and prompt prefixes on the
     # CPU, tests/test_packing.py); unmeasured on a GPU yet: run it after sp4k2 on the same machine to compare
     sxc4k2) stage sxc4k2 440 $dpo --prompt-len 4096 --pairs 2 --steps 3 --warmup 2 --paths fast --compile-decoder --timeout 400 ;;
+    # the step MrDPO runs (DESIGN section 7: reference log-probs from the rollout, no reference pass), split form,
+    # beside the same-run fast (with its reference pass), plain and TRL; unmeasured on a GPU yet
+    rr4k2) stage rr4k2 330 $dpo --prompt-len 4096 --pairs 2 --steps 3 --paths fast_rollout_ref,fast,plain,trl --prefix-sharing split --timeout 80 ;;
+    rr16k) stage rr16k 300 $dpo --prompt-len 16384 --pairs 1 --steps 2 --paths fast_rollout_ref,fast,trl --prefix-sharing split --timeout 90 ;;
     *) echo "unknown stage $s" ;;
   esac
 done
