@@ -203,3 +203,72 @@ def test_datamodule_resumes_from_a_lightning_checkpoint(manifest, tmp_path):
     # 1..33 minus bad017 at position 17), so exactly one bad sample was skipped before step 9
     assert trainer.datamodule.bad_samples == 1
     assert trainer.callback_metrics["data/bad_samples"] == 1
+
+
+# -- length grouping ----------------------------------------------------------------------------------------
+def varied_rows(path: Path, n: int = 96) -> str:
+    """Captions of 1 to 40 words, in a seeded random order: id i has len(caption) = lengths[i]."""
+    import random
+
+    rng = random.Random(7)
+    words = [rng.randint(1, 40) for _ in range(n)]
+    path.write_text("".join(json.dumps({"id": f"c{i:03d}", "video": f"c{i:03d}.mp4", "caption": " ".join(["w"] * k)})
+                            + "\n" for i, k in enumerate(words)))
+    return str(path)
+
+
+def batch_spreads(ds: StreamingDataset, batch_size: int, num_workers: int = 0) -> list[int]:
+    """max - min caption length within each batch of one epoch."""
+    length = {r.id: len(r.caption) for r in ds.rows[0]}
+    loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=ds.collate)
+    return [max(length[i] for i in b["id"]) - min(length[i] for i in b["id"]) for b in loader]
+
+
+def test_length_grouped_is_a_seeded_permutation_with_sorted_blocks():
+    from src.data.streaming import length_grouped
+
+    items = list(range(50))
+    lengths = [(i * 37) % 23 for i in items]
+    out = length_grouped(items, lengths, block=4, window=3, seed=0, epoch=0)
+    assert sorted(out) == items
+    assert out == length_grouped(items, lengths, block=4, window=3, seed=0, epoch=0)
+    assert out != length_grouped(items, lengths, block=4, window=3, seed=0, epoch=1)
+    for start in range(0, 48, 12):  # each window of 12 holds its own items, in blocks cut from its sorted order
+        window = out[start:start + 12]
+        assert sorted(window) == items[start:start + 12]
+        order = sorted(window, key=lambda i: lengths[i])
+        cuts = [order[k:k + 4] for k in range(0, 12, 4)]
+        assert sorted(tuple(window[k:k + 4]) for k in range(0, 12, 4)) == sorted(tuple(c) for c in cuts)
+    assert length_grouped(items, lengths, block=4, window=1, seed=0, epoch=0) == items  # off
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_grouped_batches_pad_less_and_still_cover_the_epoch_once(tmp_path, num_workers):
+    path = varied_rows(tmp_path / "v.jsonl")
+    plain = make_ds([path], num_workers=num_workers, shuffle_buffer=96)
+    grouped = make_ds([path], num_workers=num_workers, shuffle_buffer=96, group_by_length=6, batch_size=4)
+    assert sorted(take(grouped, None, num_workers=num_workers, track=False)) == sorted(r.id for r in plain.rows[0])
+    spread_plain = sum(batch_spreads(plain, 4, num_workers))
+    spread_grouped = sum(batch_spreads(grouped, 4, num_workers))
+    assert spread_grouped < spread_plain / 3, (spread_grouped, spread_plain)
+
+
+def test_grouped_stream_resumes_exactly(tmp_path):
+    path = varied_rows(tmp_path / "v.jsonl")
+    kw = dict(repeat=True, shuffle_buffer=96, group_by_length=6, batch_size=4)
+    full = take(make_ds([path], **kw), 40)
+    first = make_ds([path], **kw)
+    head = take(first, 13)
+    resumed = make_ds([path], **kw)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert head + take(resumed, 27) == full
+
+
+def test_datamodule_groups_only_the_training_stream(tmp_path):
+    path = varied_rows(tmp_path / "v.jsonl")
+    dm = AVDataModule(train=path, val=path, batch_size=4, num_workers=0, processor=IdProcessor(),
+                      check_media=False, group_by_length=8)
+    assert (dm.dataset("train").group_by_length, dm.dataset("train").batch_size) == (8, 4)
+    assert dm.dataset("val").group_by_length == 0
+    with pytest.raises(ValueError, match="group_by_length"):
+        make_ds([path], group_by_length=-1)

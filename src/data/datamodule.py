@@ -58,6 +58,8 @@ class AVDataModule(pl.LightningDataModule):
         base: a model directory: its AVProcessor (saved with the model) encodes the samples for that model.
         on_bad_sample: "skip" (report, count, quarantine, continue) or "raise".
         run_dir: where quarantine.jsonl goes; defaults to the trainer's log_dir.
+        group_by_length: training batches of similar length (less padding): each window of this many batches
+            is sorted by the rows' text length, cut into batches, and the batches shuffled (0 or 1: off).
         cache_dir: a directory for decoded clips (``clip_cache.ClipCache``): epochs after the first read them
             instead of decoding again. Off by default; worth it when decoding rivals the step (small models).
     """
@@ -68,11 +70,11 @@ class AVDataModule(pl.LightningDataModule):
                  num_workers: int = 2, shuffle_buffer: int = 10_000, seed: int = 0,
                  sampling: FrameSampling | None = None, processor: SampleProcessor | None = None,
                  base: str | None = None, on_bad_sample: OnBadSample = "skip", run_dir: str | None = None,
-                 check_media: bool = True, cache_dir: str | None = None):
+                 check_media: bool = True, cache_dir: str | None = None, group_by_length: int = 0):
         super().__init__()
         self.sources = {"train": as_sources(train), "val": as_sources(val), "test": as_sources(test)}
         self.batch_size, self.num_workers = batch_size, num_workers
-        self.shuffle_buffer, self.seed = shuffle_buffer, seed
+        self.shuffle_buffer, self.seed, self.group_by_length = shuffle_buffer, seed, group_by_length
         if sum(x is not None for x in (processor, sampling, base)) > 1:
             raise ValueError("give at most one of processor, sampling (for the default processor) and base")
         if base is not None:
@@ -104,7 +106,8 @@ class AVDataModule(pl.LightningDataModule):
             ds = StreamingDataset(
                 self.sources[split], self.processor, kind=self.kind, seed=self.seed, repeat=train,
                 shuffle_buffer=self.shuffle_buffer if train else 0, on_bad_sample=self.on_bad_sample,
-                run_dir=self._run_dir(), check_media=self.check_media, num_workers=self.num_workers)
+                run_dir=self._run_dir(), check_media=self.check_media, num_workers=self.num_workers,
+                group_by_length=self.group_by_length if train else 0, batch_size=self.batch_size)
             if train and self._train_state is not None:
                 self._check_cursor_sources()
                 ds.load_state_dict(self._train_state)

@@ -9,6 +9,9 @@ How an epoch is laid out (all of it cheap index arithmetic; media is decoded onl
 2. Shuffle. A seeded shuffle buffer of ``shuffle_buffer`` items runs over that stream (0 = file order; a buffer
    as large as the epoch = a full permutation). The seed is ``(seed, epoch)``, so every rank and worker computes
    the same order without talking to each other.
+   Optionally (``group_by_length`` > 1) the shuffled stream is then grouped by length: windows of that many
+   batches are sorted by the rows' text length and cut into batches whose order is shuffled, so a batch pads
+   little and its neighbours still come in random order (:func:`length_grouped`).
 3. Sharding. Position ``p`` of the epoch belongs to shard ``p % (world_size * num_workers)``. Each (rank, worker)
    owns one shard, so the union over ranks and workers is the epoch, each item exactly once.
 
@@ -119,6 +122,33 @@ def buffer_shuffle(items: Sequence[Any], buffer_size: int, seed: int, epoch: int
     return out
 
 
+def length_grouped(items: Sequence[Any], lengths: Sequence[float], block: int, window: int, seed: int,
+                   epoch: int) -> list[Any]:
+    """Batches of similar length with the order still random: cut the (shuffled) stream into windows of ``window``
+    blocks of ``block`` items, sort each window by length, cut it into blocks and shuffle the blocks' order.
+
+    ``block`` = batch size x shards, so that the ``batch size`` items a shard takes for one batch (positions
+    ``shard + k * shards``) come from one block. The whole permutation is a function of its arguments alone.
+    """
+    if window <= 1 or block < 1:
+        return list(items)
+    rng = random.Random(f"group:{seed}:{epoch}")
+    out: list[Any] = []
+    size = block * window
+    for start in range(0, len(items), size):
+        chunk = sorted(range(start, min(start + size, len(items))), key=lambda i: lengths[i])
+        blocks = [chunk[i:i + block] for i in range(0, len(chunk), block)]
+        rng.shuffle(blocks)
+        out += [items[i] for b in blocks for i in b]
+    return out
+
+
+def row_length(row: Any) -> int:
+    """A row's length for grouping without decoding its media: the characters of its texts (caption, or chosen +
+    rejected + gt, and its prompt). Media length is not in a manifest; it varies little within most data sets."""
+    return sum(len(getattr(row, name, None) or "") for name in ("prompt", "caption", "chosen", "rejected", "gt"))
+
+
 def epoch_order(sizes: Sequence[int], weights: Sequence[float], seed: int, epoch: int,
                 shuffle_buffer: int) -> list[tuple[int, int]]:
     return buffer_shuffle(mixed_items(sizes, weights, seed, epoch), shuffle_buffer, seed, epoch)
@@ -195,14 +225,15 @@ class StreamingDataset(IterableDataset):
 
     ``repeat=True`` streams epoch after epoch (training driven by max_steps); ``repeat=False`` yields one epoch,
     ``self.epoch`` (see :meth:`set_epoch`). ``rank`` / ``world_size`` default to torch.distributed's.
-    ``num_workers`` must equal the DataLoader's (0 and 1 both mean one stream per rank).
+    ``num_workers`` must equal the DataLoader's (0 and 1 both mean one stream per rank). ``group_by_length`` N > 1
+    groups each window of N batches (of ``batch_size``, the DataLoader's, per shard) by length (module docstring).
     """
 
     def __init__(self, sources: Sequence[Source], processor: SampleProcessor, *, kind: str = "sft",
                  shuffle_buffer: int = 10_000, seed: int = 0, repeat: bool = True,
                  on_bad_sample: OnBadSample = "skip", run_dir: str | None = None, check_media: bool = True,
                  num_workers: int = 0, rank: int | None = None, world_size: int | None = None,
-                 rows: Sequence[Sequence[Any]] | None = None):
+                 rows: Sequence[Sequence[Any]] | None = None, group_by_length: int = 0, batch_size: int = 1):
         if on_bad_sample not in ("skip", "raise"):
             raise ValueError(f"on_bad_sample must be 'skip' or 'raise', got {on_bad_sample!r}")
         if not sources:
@@ -212,6 +243,9 @@ class StreamingDataset(IterableDataset):
             read_manifest(s.path, kind, check_media=check_media) for s in self.sources]
         self.processor = processor
         self.shuffle_buffer, self.seed, self.repeat = shuffle_buffer, seed, repeat
+        if group_by_length < 0 or batch_size < 1:
+            raise ValueError(f"group_by_length must be >= 0 and batch_size >= 1, got {group_by_length}, {batch_size}")
+        self.group_by_length, self.batch_size = group_by_length, batch_size
         self.on_bad_sample, self.run_dir = on_bad_sample, run_dir
         self.epoch = 0
         default_rank, default_world = dist_rank_world()
@@ -226,7 +260,12 @@ class StreamingDataset(IterableDataset):
 
     def epoch_items(self, epoch: int) -> list[tuple[int, int]]:
         sizes = [len(r) for r in self.rows]
-        return epoch_order(sizes, [s.weight for s in self.sources], self.seed, epoch, self.shuffle_buffer)
+        items = epoch_order(sizes, [s.weight for s in self.sources], self.seed, epoch, self.shuffle_buffer)
+        if self.group_by_length > 1:
+            lengths = [row_length(self.rows[src][idx]) for src, idx in items]
+            items = length_grouped(items, lengths, self.batch_size * self.num_shards, self.group_by_length,
+                                   self.seed, epoch)
+        return items
 
     def epoch_size(self) -> int:
         """Items per epoch over all ranks, bad samples included. (No __len__: the stream may be infinite, and
