@@ -1,7 +1,7 @@
 """Write frames + samples as one mp4 (h264 yuv420p video, AAC mono audio) with PyAV, atomically.
 
 Single-threaded, CPU-independent encoders fed frames whose every byte is set make the file a function of the
-input alone, so one seed gives the same files whatever the worker count or run. Costs ~20 ms per 4 s 56x56 clip.
+input alone, so one seed gives the same files whatever the worker count or run. Costs ~12 ms per 4 s 56x56 clip.
 """
 
 from __future__ import annotations
@@ -21,6 +21,10 @@ from src.data.synth.scene import Scene
 # of the input alone, at no measurable speed cost.
 X264_OPTIONS = {"threads": "1", "crf": "18", "preset": "medium", "x264-params": "cpu-independent=1"}
 AAC_BIT_RATE = 48_000
+# FFmpeg's "fast" AAC coder: 5.8 instead of 13.7 ms per 4 s clip (the default two-loop search was half of a
+# clip's generation time), 37 instead of 49 dB SNR against the rendered waveform: tones, beeps and noise bursts
+# stay unmistakable (bench/RESULTS.md, "SynthAV generation")
+AAC_OPTIONS = {"aac_coder": "fast"}
 
 
 def write_av(path: str | os.PathLike, frames: np.ndarray, audio: np.ndarray, fps: int, sample_rate: int) -> None:
@@ -53,7 +57,7 @@ def _add_video_stream(container, size: tuple[int, int], fps: int):
 
 
 def _add_audio_stream(container, sample_rate: int):
-    stream = container.add_stream("aac", rate=sample_rate, layout="mono")
+    stream = container.add_stream("aac", rate=sample_rate, layout="mono", options=AAC_OPTIONS)
     stream.bit_rate = AAC_BIT_RATE
     stream.codec_context.thread_count = 1
     return stream
@@ -69,8 +73,9 @@ def rgb_to_yuv420p(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
     r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
     y = ((66 * r + 129 * g + 25 * b + 128) >> 8) + 16
     t, h, w = r.shape
-    # sums over 2x2 blocks; the extra >> 2 in the chroma formulas turns them into means
-    rs, gs, bs = (c.reshape(t, h // 2, 2, w // 2, 2).sum(axis=(2, 4)) for c in (r, g, b))
+    # sums over 2x2 blocks (four strided adds: 4x faster than a reshaped sum, the same integers); the extra >> 2
+    # in the chroma formulas turns them into means
+    rs, gs, bs = (c[:, 0::2, 0::2] + c[:, 0::2, 1::2] + c[:, 1::2, 0::2] + c[:, 1::2, 1::2] for c in (r, g, b))
     u = ((-38 * rs - 74 * gs + 112 * bs + 512) >> 10) + 128
     v = ((112 * rs - 94 * gs - 18 * bs + 512) >> 10) + 128
     return tuple(np.clip(p, 0, 255).astype(np.uint8) for p in (y, u, v))
