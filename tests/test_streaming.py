@@ -239,7 +239,11 @@ def test_length_grouped_is_a_seeded_permutation_with_sorted_blocks():
         order = sorted(window, key=lambda i: lengths[i])
         cuts = [order[k:k + 4] for k in range(0, 12, 4)]
         assert sorted(tuple(window[k:k + 4]) for k in range(0, 12, 4)) == sorted(tuple(c) for c in cuts)
+    last = out[48:]  # the short last window: its short block (50 = 12 x 4 + 2) stays at the end
+    assert sorted(last) == [48, 49]
     assert length_grouped(items, lengths, block=4, window=1, seed=0, epoch=0) == items  # off
+    odd = length_grouped(list(range(22)), [i % 5 for i in range(22)], block=4, window=6, seed=0, epoch=0)
+    assert sorted(odd[-2:], key=lambda i: i % 5) == sorted([i for i in range(22)], key=lambda i: i % 5)[-2:]
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])

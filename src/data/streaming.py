@@ -138,8 +138,9 @@ def length_grouped(items: Sequence[Any], lengths: Sequence[float], block: int, w
     for start in range(0, len(items), size):
         chunk = sorted(range(start, min(start + size, len(items))), key=lambda i: lengths[i])
         blocks = [chunk[i:i + block] for i in range(0, len(chunk), block)]
-        rng.shuffle(blocks)
-        out += [items[i] for b in blocks for i in b]
+        tail = blocks.pop() if len(blocks[-1]) < block else []  # a short last block stays last: the full ones
+        rng.shuffle(blocks)                                     # before it keep the shards' batch boundaries
+        out += [items[i] for b in blocks for i in b] + [items[i] for i in tail]
     return out
 
 
