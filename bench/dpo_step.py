@@ -27,6 +27,9 @@ beta 0.1 and lambda 0.1 on the SAME LLM (same config, same weights) and the same
   responses, src.models.packing.PrefixBatch), the LM head on response tokens only. Measured twice: ``fast``
   with the reference pass every step (the fair comparison with plain and TRL) and ``fast_rollout_ref`` with
   reference log-probs supplied by the rows, as the MrDPO rollout provides them (no reference pass at all).
+- trl_precomputed_ref: TRL as above with ``precompute_ref_log_probs=True``: its reference log-probs computed in
+  one pass over the data set when the trainer is built, before the timed steps, so its steps run no reference
+  pass either: the same-settings counterpart of fast_rollout_ref (ratio ``fast_rollout_ref/trl_precomputed_ref``).
 
 plain and fast get the same audio-visual prompt: a synthetic clip (random frames at --frame-side px, 2 frames per
 second, random 16 kHz audio) long enough that media tokens fill the prompt, plus the chat template and text so
@@ -91,7 +94,7 @@ from torch.profiler import record_function  # noqa: E402
 
 from bench.model_forward import busy_cpu_seconds  # noqa: E402  (one /proc/stat reader for the benches)
 
-PATHS = ("plain", "trl", "fast", "fast_rollout_ref")
+PATHS = ("plain", "trl", "fast", "fast_rollout_ref", "trl_precomputed_ref")
 BETA, GT_WEIGHT, MAX_GRAD_NORM, LR = 0.1, 0.1, 1.0, 5e-6
 LORA_R, LORA_ALPHA, LORA_TARGETS = 128, 256, ("q_proj", "k_proj", "v_proj")
 FPS = 2.0  # frames per second of the synthetic clip: one temporal grid (2 frames) per second
@@ -601,7 +604,8 @@ def step_timer(device: str):
     return StepTimer()
 
 
-def run_trl(settings: Settings, workdir: Path, cap_memory: bool = False) -> dict[str, Any]:
+def run_trl(settings: Settings, workdir: Path, cap_memory: bool = False, precompute_ref: bool = False
+            ) -> dict[str, Any]:
     import trl
     from datasets import Dataset
     from peft import LoraConfig
@@ -621,7 +625,7 @@ def run_trl(settings: Settings, workdir: Path, cap_memory: bool = False) -> dict
                      gradient_accumulation_steps=1, max_steps=steps, learning_rate=LR, lr_scheduler_type="constant",
                      optim="adamw_torch", weight_decay=0.0, max_grad_norm=MAX_GRAD_NORM, beta=BETA,
                      loss_type=["sigmoid", "sft"], loss_weights=[1.0, GT_WEIGHT], max_length=None,
-                     precompute_ref_log_probs=False, gradient_checkpointing=settings.checkpointing,
+                     precompute_ref_log_probs=precompute_ref, gradient_checkpointing=settings.checkpointing,
                      bf16=settings.device == "cuda", use_cpu=settings.device == "cpu", report_to="none",
                      save_strategy="no", logging_steps=1, disable_tqdm=True, dataloader_num_workers=0,
                      seed=settings.seed)
@@ -644,7 +648,8 @@ def run_trl(settings: Settings, workdir: Path, cap_memory: bool = False) -> dict
               "loss_first_step": round(timer.losses[0], 6) if timer.losses else None, "trainable_params": trainable,
               "trl_version": trl.__version__, "rows": 2 * settings.pairs,
               "length": settings.prompt_len + settings.response_len,
-              "reference": "separate reference model" if full else "LoRA adapter disabled"}
+              "reference": ("precomputed before training (precompute_ref_log_probs)" if precompute_ref
+                            else "separate reference model" if full else "LoRA adapter disabled")}
     return result
 
 
@@ -655,8 +660,8 @@ def run_path(path: str, settings: Settings, workdir: Path, cap_memory: bool = Fa
     if settings.threads:
         torch.set_num_threads(settings.threads)
     try:
-        if path == "trl":
-            result = run_trl(settings, workdir, cap_memory)
+        if path.startswith("trl"):
+            result = run_trl(settings, workdir, cap_memory, precompute_ref=path == "trl_precomputed_ref")
         else:
             result = run_ours(path, settings, workdir, cap_memory)
     except Exception as error:  # noqa: BLE001 - any failure is reported, an OOM as such
@@ -674,7 +679,7 @@ def child_main(args: argparse.Namespace) -> None:
 
 def python_for(path: str) -> tuple[str | None, str | None]:
     """The interpreter that runs ``path`` (TRL: this one if it has trl, else .venv-bench's), or why none."""
-    if path != "trl":
+    if not path.startswith("trl"):
         return sys.executable, None
     try:
         import trl  # noqa: F401
@@ -753,7 +758,7 @@ def ratio(a: dict[str, Any], b: dict[str, Any], key: str) -> float | None:
 def ratios(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float | None]]:
     out = {}
     for fast in ("fast", "fast_rollout_ref"):
-        for other in ("plain", "trl"):
+        for other in ("plain", "trl", "trl_precomputed_ref"):
             if fast in results and other in results:
                 keys = ["pairs_per_s", "peak_mem_mb"] + [k for k in ("peak_rss_glibc_mb",) if k in results[fast]]
                 out[f"{fast}/{other}"] = {key: ratio(results[fast], results[other], key) for key in keys}

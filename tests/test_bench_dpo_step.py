@@ -128,6 +128,11 @@ def test_trl_path_runs_a_step(prepared):
     settings, workdir, _ = prepared
     result = bench.run_path("trl", settings, workdir)
     assert result["oom"] is False and result["pairs_per_s"] > 0 and result["trl_version"] == "1.16.0"
+    # with the reference log-probs precomputed (before the steps): the same first-step loss (LoRA B = 0, so the
+    # precomputed reference equals the policy, as the per-step adapter-disabled pass does)
+    pre = bench.run_path("trl_precomputed_ref", settings, workdir)
+    assert pre["reference"].startswith("precomputed") and result["reference"] == "LoRA adapter disabled"
+    assert pre["loss_first_step"] == pytest.approx(result["loss_first_step"], abs=1e-5)
 
 
 def test_7b_shape_is_qwen2_5_vl_7b():
