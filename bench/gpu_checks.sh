@@ -73,9 +73,10 @@ for s in $stages; do
     # CPU, tests/test_packing.py); unmeasured on a GPU yet: run it after sp4k2 on the same machine to compare
     sxc4k2) stage sxc4k2 440 $dpo --prompt-len 4096 --pairs 2 --steps 3 --warmup 2 --paths fast --compile-decoder --timeout 400 ;;
     # the step MrDPO runs (DESIGN section 7: reference log-probs from the rollout, no reference pass), split form,
-    # beside the same-run fast (with its reference pass), plain and TRL; unmeasured on a GPU yet
-    rr4k2) stage rr4k2 330 $dpo --prompt-len 4096 --pairs 2 --steps 3 --paths fast_rollout_ref,fast,plain,trl --prefix-sharing split --timeout 80 ;;
-    rr16k) stage rr16k 300 $dpo --prompt-len 16384 --pairs 1 --steps 2 --paths fast_rollout_ref,fast,trl --prefix-sharing split --timeout 90 ;;
+    # beside TRL with its reference log-probs precomputed (the same shortcut), and fast (with its reference pass),
+    # plain and TRL as they are measured above; unmeasured on a GPU yet
+    rr4k2) stage rr4k2 420 $dpo --prompt-len 4096 --pairs 2 --steps 3 --paths fast_rollout_ref,trl_precomputed_ref,fast,plain,trl --prefix-sharing split --timeout 80 ;;
+    rr16k) stage rr16k 400 $dpo --prompt-len 16384 --pairs 1 --steps 2 --paths fast_rollout_ref,trl_precomputed_ref,fast,trl --prefix-sharing split --timeout 90 ;;
     *) echo "unknown stage $s" ;;
   esac
 done
