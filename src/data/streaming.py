@@ -247,6 +247,7 @@ class StreamingDataset(IterableDataset):
         if group_by_length < 0 or batch_size < 1:
             raise ValueError(f"group_by_length must be >= 0 and batch_size >= 1, got {group_by_length}, {batch_size}")
         self.group_by_length, self.batch_size = group_by_length, batch_size
+        self.lengths = [[row_length(r) for r in rows] for rows in self.rows] if group_by_length > 1 else None
         self.on_bad_sample, self.run_dir = on_bad_sample, run_dir
         self.epoch = 0
         default_rank, default_world = dist_rank_world()
@@ -262,8 +263,8 @@ class StreamingDataset(IterableDataset):
     def epoch_items(self, epoch: int) -> list[tuple[int, int]]:
         sizes = [len(r) for r in self.rows]
         items = epoch_order(sizes, [s.weight for s in self.sources], self.seed, epoch, self.shuffle_buffer)
-        if self.group_by_length > 1:
-            lengths = [row_length(self.rows[src][idx]) for src, idx in items]
+        if self.lengths is not None:
+            lengths = [self.lengths[src][idx] for src, idx in items]
             items = length_grouped(items, lengths, self.batch_size * self.num_shards, self.group_by_length,
                                    self.seed, epoch)
         return items
