@@ -152,6 +152,11 @@ def test_ratios_skip_missing_and_oom_paths():
                "fast": {"pairs_per_s": 2.5, "peak_mem_mb": 100.0, "oom": False}}
     assert bench.ratios(results) == {"fast/plain": {"pairs_per_s": 2.5, "peak_mem_mb": 0.25},
                                      "fast/trl": {"pairs_per_s": None, "peak_mem_mb": None}}
+    # the rollout-reference step against TRL with precomputed reference log-probs, when both ran
+    results |= {"fast_rollout_ref": {"pairs_per_s": 3.0, "peak_mem_mb": 90.0, "oom": False},
+                "trl_precomputed_ref": {"pairs_per_s": 1.2, "peak_mem_mb": 180.0, "oom": False}}
+    assert bench.ratios(results)["fast_rollout_ref/trl_precomputed_ref"] == {"pairs_per_s": 2.5, "peak_mem_mb": 0.5}
+    assert bench.ratios(results)["fast/trl_precomputed_ref"]["pairs_per_s"] == pytest.approx(2.083, abs=1e-3)
 
 
 FREED_BLOCKS = """
