@@ -6,6 +6,7 @@ The processor here decodes nothing (tests/test_streaming_media.py runs real clip
 from __future__ import annotations
 
 import json
+import random
 from collections import Counter
 from pathlib import Path
 
@@ -207,9 +208,7 @@ def test_datamodule_resumes_from_a_lightning_checkpoint(manifest, tmp_path):
 
 # -- length grouping ----------------------------------------------------------------------------------------
 def varied_rows(path: Path, n: int = 96) -> str:
-    """Captions of 1 to 40 words, in a seeded random order: id i has len(caption) = lengths[i]."""
-    import random
-
+    """``n`` rows whose captions have 1 to 40 words, drawn with a fixed seed."""
     rng = random.Random(7)
     words = [rng.randint(1, 40) for _ in range(n)]
     path.write_text("".join(json.dumps({"id": f"c{i:03d}", "video": f"c{i:03d}.mp4", "caption": " ".join(["w"] * k)})
@@ -243,7 +242,7 @@ def test_length_grouped_is_a_seeded_permutation_with_sorted_blocks():
     assert sorted(last) == [48, 49]
     assert length_grouped(items, lengths, block=4, window=1, seed=0, epoch=0) == items  # off
     odd = length_grouped(list(range(22)), [i % 5 for i in range(22)], block=4, window=6, seed=0, epoch=0)
-    assert sorted(odd[-2:], key=lambda i: i % 5) == sorted([i for i in range(22)], key=lambda i: i % 5)[-2:]
+    assert sorted(odd[-2:], key=lambda i: i % 5) == sorted(range(22), key=lambda i: i % 5)[-2:]
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])

@@ -72,7 +72,6 @@ def rgb_to_yuv420p(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
     rgb = frames.astype(np.int32)
     r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
     y = ((66 * r + 129 * g + 25 * b + 128) >> 8) + 16
-    t, h, w = r.shape
     # sums over 2x2 blocks (four strided adds: 4x faster than a reshaped sum, the same integers); the extra >> 2
     # in the chroma formulas turns them into means
     rs, gs, bs = (c[:, 0::2, 0::2] + c[:, 0::2, 1::2] + c[:, 1::2, 0::2] + c[:, 1::2, 1::2] for c in (r, g, b))
