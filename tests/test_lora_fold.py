@@ -40,13 +40,16 @@ def batch_for(processor) -> dict:
     return processor.collate(samples)
 
 
-def lora_model(base, r: int = 4, seed: int = 0):
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def lora_model(base, r: int = 4, seed: int = 0, targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")):
     """The tiny base with LoRA (dropout 0) whose B is random too, so the adapter really changes the output; the
     same in every process (peft draws A from the global RNG)."""
     model, processor = load_base(base)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        attach_lora(model, LoraSettings(r=r, alpha=2 * r, dropout=0.0))
+        attach_lora(model, LoraSettings(r=r, alpha=2 * r, dropout=0.0, targets=targets))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, layer in lora_layers(model):
@@ -64,7 +67,7 @@ def merge_identity(model, batch, generator) -> dict[str, torch.Tensor]:
     with adapters_disabled(model):
         base_before = logits(model, batch)
     on_before = logits(model, batch)
-    assert fold_lora_(model) == reset_lora_(model, generator) == 2 * 3  # 2 layers x q/k/v
+    assert fold_lora_(model) == reset_lora_(model, generator) == len(lora_layers(model)) >= 2 * 3  # 2 layers x q/k/v
     with adapters_disabled(model):
         off_after = logits(model, batch)
     return {"base_before": base_before, "on_before": on_before, "off_after": off_after,
@@ -78,8 +81,9 @@ def check_identity(out: dict[str, torch.Tensor]) -> None:
     assert torch.equal(out["off_after"], out["on_after"])
 
 
-def test_fold_then_reset_keeps_the_function_and_the_parameters(tiny_base):
-    model, processor = lora_model(tiny_base)
+@pytest.mark.parametrize("targets", [("q_proj", "k_proj", "v_proj"), ALL_LINEAR])
+def test_fold_then_reset_keeps_the_function_and_the_parameters(tiny_base, targets):
+    model, processor = lora_model(tiny_base, targets=targets)
     batch = batch_for(processor)
     params_before = {name: p for name, p in model.named_parameters()}
     expected = merged_state_dict({k: v.clone() for k, v in model.state_dict().items()}, lora_scalings(model))
@@ -89,6 +93,17 @@ def test_fold_then_reset_keeps_the_function_and_the_parameters(tiny_base):
     folded = merged_state_dict(model.state_dict(), lora_scalings(model))  # B = 0 now: adds nothing
     assert folded.keys() == expected.keys()
     assert all(torch.allclose(folded[k], expected[k], atol=1e-6) for k in expected)
+
+
+def test_targets_reach_only_the_named_decoder_projections(tiny_base):
+    model, _ = lora_model(tiny_base, targets=("v_proj", "o_proj", "up_proj", "down_proj"))
+    names = [name for name, _ in lora_layers(model)]
+    layers = len(model.llm.layers)
+    assert len(names) == 4 * layers and all("language_model.layers." in n for n in names)
+    assert sorted({n.rsplit(".", 2)[-2] + "." + n.rsplit(".", 1)[-1] for n in names}) == [
+        "mlp.down_proj", "mlp.up_proj", "self_attn.o_proj", "self_attn.v_proj"]
+    with pytest.raises(ValueError, match="unknown LoRA targets.*'qkv'"):
+        attach_lora(load_base(tiny_base)[0], LoraSettings(r=2, alpha=4, targets=("q_proj", "qkv")))
 
 
 def test_reset_draws_peft_init_from_the_generator(tiny_base):

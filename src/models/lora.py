@@ -32,8 +32,22 @@ class LoraSettings:
     targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")
 
 
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
 def llm_target_regex(targets: tuple[str, ...]) -> str:
-    return r".*language_model\.layers\.\d+\.self_attn\.(" + "|".join(targets) + r")$"
+    """A regex over the LLM decoder's attention and MLP projections named in `targets` (the names of Qwen2's
+    linear layers: q/k/v/o_proj under self_attn, gate/up/down_proj under mlp); an unknown name is refused, since
+    it would match nothing or something outside the decoder."""
+    unknown = [t for t in targets if t not in ATTENTION_PROJECTIONS + MLP_PROJECTIONS]
+    if unknown:
+        raise ValueError(f"unknown LoRA targets {unknown}: use {ATTENTION_PROJECTIONS + MLP_PROJECTIONS}")
+    attention = [t for t in targets if t in ATTENTION_PROJECTIONS]
+    mlp = [t for t in targets if t in MLP_PROJECTIONS]
+    paths = ([r"self_attn\.(" + "|".join(attention) + ")"] if attention else []) + (
+        [r"mlp\.(" + "|".join(mlp) + ")"] if mlp else [])
+    return r".*language_model\.layers\.\d+\.(" + "|".join(paths) + r")$"
 
 
 def attach_lora(model: torch.nn.Module, settings: LoraSettings) -> torch.nn.Module:
