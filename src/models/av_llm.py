@@ -27,6 +27,7 @@ from src.losses.logprobs import (head_token_logps, mean_response_ce, mean_respon
 from src.models.audio import AudioSettings
 from src.models.media_cache import gather_media
 from src.models.vision_attention import use_grouped_window_attention
+import src.models.eager_lowp  # noqa: F401  (registers the "eager_lowp" attention implementation)
 
 
 @strict
