@@ -1,7 +1,8 @@
 """Write frames + samples as one mp4 (h264 yuv420p video, AAC mono audio) with PyAV, atomically.
 
 Single-threaded, CPU-independent encoders fed frames whose every byte is set make the file a function of the
-input alone, so one seed gives the same files whatever the worker count or run. Costs ~12 ms per 4 s 56x56 clip.
+input alone, so one seed gives the same files whatever the worker count or run. Costs ~10 ms per 4 s 56x56 clip
+(AAC 5.8, x264 2.6, the chroma sums 0.9 ms; bench/RESULTS.md, "SynthAV generation").
 """
 
 from __future__ import annotations
