@@ -71,6 +71,7 @@ machine; timings on a loaded machine are not comparable).
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import inspect
 import json
 import os
@@ -672,6 +673,12 @@ def run_path(path: str, settings: Settings, workdir: Path, cap_memory: bool = Fa
 
 
 def child_main(args: argparse.Namespace) -> None:
+    """One path in this process. BENCH_TRACEBACK_AFTER=SECONDS (with BENCH_TRACEBACK_FILE=PATH, else stderr): every
+    thread's stack is written that long after the child starts, to see where a path that runs past --timeout is."""
+    if os.environ.get("BENCH_TRACEBACK_AFTER"):
+        target = os.environ.get("BENCH_TRACEBACK_FILE")
+        faulthandler.dump_traceback_later(float(os.environ["BENCH_TRACEBACK_AFTER"]),
+                                          file=open(target, "a") if target else sys.stderr)
     settings = Settings(**json.loads(Path(args.child_settings).read_text()))
     result = run_path(args.child, settings, Path(args.workdir), cap_memory=True)
     Path(args.child_result).write_text(json.dumps(result))

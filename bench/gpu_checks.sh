@@ -29,7 +29,9 @@ stage() {  # name, limit in seconds, command...
   echo "[$name] exit $? after $((SECONDS - t0)) s"
   grep -iE "error|Traceback|exception|out of memory" "$out/$name.err" | tail -3
   { echo "== $name"; cat "$out/$name.err"; } >>"$out/stderr.log"; rm -f "$out/$name.err"
-  pkill -f "bench/(dpo|sft)_step.py" 2>/dev/null; sleep 1  # a timed-out stage's children hold GPU memory
+  pkill -f "^[^ ]*python[^ ]* [^ ]*bench/(dpo|sft)_step.py" 2>/dev/null; sleep 1  # a timed-out stage's children
+  # hold GPU memory; the pattern names the interpreter so that a calling shell whose command line mentions a bench
+  # script is spared (a bare "bench/dpo_step.py" killed the device call's own shell on 2026-11-27)
 }
 dpo="$py bench/dpo_step.py --device $dev --model $model --base-cache $base --json"
 for s in $stages; do
@@ -70,13 +72,16 @@ for s in $stages; do
     sp1k1) stage sp1k1 130 $dpo --prompt-len 1024 --pairs 1 --steps 3 --paths fast,plain --prefix-sharing split --timeout 45 ;;
     sp4k1) stage sp4k1 120 $dpo --prompt-len 4096 --pairs 1 --steps 3 --paths fast,plain --prefix-sharing split --timeout 60 ;;
     # the default split form with each decoder layer compiled (one graph for all layers and prompt prefixes on the
-    # CPU, tests/test_packing.py); unmeasured on a GPU yet: run it after sp4k2 on the same machine to compare
+    # CPU, tests/test_packing.py); on an H200 (2026-11-27, after rr4k2 on the same machine) 1.537 pairs/s against
+    # 1.365 uncompiled, its first warm-up step (the compile) 110 s, the stage 160 s
     sxc4k2) stage sxc4k2 440 $dpo --prompt-len 4096 --pairs 2 --steps 3 --warmup 2 --paths fast --compile-decoder --timeout 400 ;;
     # the step MrDPO runs (DESIGN section 7: reference log-probs from the rollout, no reference pass), split form,
     # beside TRL with its reference log-probs precomputed (the same shortcut), and fast (with its reference pass),
-    # plain and TRL as they are measured above; unmeasured on a GPU yet
-    rr4k2) stage rr4k2 420 $dpo --prompt-len 4096 --pairs 2 --steps 3 --paths fast_rollout_ref,trl_precomputed_ref,fast,plain,trl --prefix-sharing split --timeout 80 ;;
-    rr16k) stage rr16k 400 $dpo --prompt-len 16384 --pairs 1 --steps 2 --paths fast_rollout_ref,trl_precomputed_ref,fast,trl --prefix-sharing split --timeout 90 ;;
+    # plain and TRL as they are measured above. On an H200 (2026-11-27) rr4k2 took 246 s with the 7B base built
+    # first, and trl_precomputed_ref ran past an 80 s per-path limit: alone it took 91 s (7B load, the reference
+    # log-probs computed through TRL's dataset machinery, 4 steps), hence 130 s
+    rr4k2) stage rr4k2 480 $dpo --prompt-len 4096 --pairs 2 --steps 3 --paths fast_rollout_ref,trl_precomputed_ref,fast,plain,trl --prefix-sharing split --timeout 130 ;;
+    rr16k) stage rr16k 480 $dpo --prompt-len 16384 --pairs 1 --steps 2 --paths fast_rollout_ref,trl_precomputed_ref,fast,trl --prefix-sharing split --timeout 130 ;;
     *) echo "unknown stage $s" ;;
   esac
 done
