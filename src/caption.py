@@ -1,7 +1,8 @@
 """Caption clips with a checkpoint: one caption per clip (or K samples), batched, with a KV cache.
 
     python -m src.caption --ckpt checkpoints/sft/final clip.mp4 [more.mp4 ...] [--prompt P] [--max-new-tokens N]
-        [--sample --temperature T --top-p P --num-samples K] [--batch-size B] [--seed S] [--json]
+        [--sample --temperature T --top-p P --num-samples K | --num-beams N [--length-penalty L]]
+        [--batch-size B] [--seed S] [--json]
     python -m src.caption --ckpt CKPT --manifest TRAIN.jsonl --write-manifest CAPTIONS.jsonl   # for rebirth tuning
 
 With --manifest the clips are a manifest's rows (their prompts, audio files and use_audio honoured);
@@ -103,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--num-samples", type=int, default=1)
+    parser.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (1: greedy)")
+    parser.add_argument("--length-penalty", type=float, default=1.0,
+                        help="beam search: rank finished captions by summed log-prob / length ** this")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -110,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.num_samples > 1 and not args.sample:
         parser.error("--num-samples > 1 needs --sample (greedy decoding gives one caption)")
+    if args.num_beams < 1 or (args.num_beams > 1 and args.sample):
+        parser.error("--num-beams must be >= 1, and 1 with --sample (beam search does not sample)")
     if not args.clips and not args.manifest:
         parser.error("give clips or --manifest")
     if args.write_manifest and (not args.manifest or args.num_samples != 1):
@@ -129,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         jobs += row_jobs(processor, rows.values(), args.prompt, errors)
     captions: dict[str, str] = {}
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, do_sample=args.sample,
-                                  temperature=args.temperature, top_p=args.top_p)
+                                  temperature=args.temperature, top_p=args.top_p, num_beams=args.num_beams,
+                                  length_penalty=args.length_penalty)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     for result in caption_jobs(model, processor, jobs, settings, num_samples=args.num_samples,
                                batch_size=args.batch_size, generator=generator):

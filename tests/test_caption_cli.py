@@ -37,3 +37,13 @@ def test_sampling_json_gives_k_samples_with_logps(base, synthav, capsys):
     assert all(r["logp"] < 0 and 1 <= r["tokens"] <= 5 for r in rows)
     assert caption.main(args) == 0  # the same seed gives the same samples
     assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == rows
+
+
+def test_beam_search_json_gives_one_caption_with_its_logp(base, synthav, capsys):
+    clip = str(synthav / "test" / "test-000000.mp4")
+    args = ["--ckpt", str(base), clip, "--max-new-tokens", "5", "--json"]
+    assert caption.main([*args, "--num-beams", "3", "--length-penalty", "0"]) == 0
+    beam = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(beam) == 1 and beam[0]["video"] == clip and 1 <= beam[0]["tokens"] <= 5 and beam[0]["logp"] < 0
+    with pytest.raises(SystemExit):
+        caption.main([*args, "--num-beams", "2", "--sample"])

@@ -175,6 +175,8 @@ def test_cli_captions_a_checkpoint_and_rejudges_its_predictions(synthav, tmp_pat
     preds = [json.loads(line) for line in (out / "preds.jsonl").read_text().splitlines()]
     assert [p["id"] for p in preds] == ["test-000000", "test-000001"]
     assert all(isinstance(p["finished"], bool) for p in preds)
+    recorded = json.loads((out / "judge.json").read_text())["decoding"]  # the beam search by default
+    assert recorded == {"max_new_tokens": 4, "num_beams": evaluate.EVAL_NUM_BEAMS, "length_penalty": 1.0}
     assert evaluate.evaluate(None, None, synthav / "test.jsonl", preds=out / "preds.jsonl") == result
     assert "EER" in capsys.readouterr().out
 

@@ -395,16 +395,23 @@ def test_the_start_model_eval_is_reused_only_when_it_judged_the_same_set(synthav
     test = synthav / "test.jsonl"
     callback = MultiRoundDPO(videos=str(synthav / "train.jsonl"), eval_data=str(test))
     callback._module = _Module(tmp_path)
+    greedy = MultiRoundDPO(videos="v", eval_data=str(test), eval_num_beams=1)
+    greedy._module = _Module(tmp_path)
+    (tmp_path / "judge.json").write_text(json.dumps({"data": str(test), "decoding": callback.eval_decoding}))
     assert callback._base_eval(2) == {**{k: result[k] for k in ("miss", "incorrect", "hallucination", "eer",
                                                                    "repetition")},
                                       "eval": str(tmp_path / "eval.json"), "reused": True}
     assert callback._base_eval(3) is None  # another number of clips
-    (tmp_path / "judge.json").write_text(json.dumps({"data": str(synthav / "val.jsonl")}))
+    assert greedy._base_eval(2) is None  # captioned by beam search, the greedy callback would not
+    (tmp_path / "judge.json").write_text(json.dumps({"data": str(synthav / "val.jsonl"),
+                                                     "decoding": callback.eval_decoding}))
     assert callback._base_eval(2) is None  # another manifest
-    (tmp_path / "judge.json").write_text(json.dumps({"data": str(test)}))
-    assert callback._base_eval(2) is not None
+    (tmp_path / "judge.json").write_text(json.dumps({"data": str(test)}))  # no decoding record: greedy
+    assert callback._base_eval(2) is None and greedy._base_eval(2) is not None
+    (tmp_path / "judge.json").unlink()  # no record at all: greedy, as before judge.json existed
+    assert callback._base_eval(2) is None and greedy._base_eval(2) is not None
     (tmp_path / "eval.json").write_text(json.dumps({**result, "judge": "llm:gpt-4.1"}))
-    assert callback._base_eval(2) is None  # another judge
+    assert greedy._base_eval(2) is None  # another judge
     assert MultiRoundDPO(videos="v", eval_data=str(test), reuse_base_eval=False)._base_eval(2) is None
 
 

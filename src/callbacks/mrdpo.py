@@ -61,6 +61,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from src.evaluate import EVAL_LENGTH_PENALTY, EVAL_MAX_NEW_TOKENS, EVAL_NUM_BEAMS, decoding_settings
 from src.judge.factory import JudgeConfig
 from src.rollout import RolloutSettings, merge_shards, rollout, shard_path
 
@@ -137,16 +138,19 @@ class MultiRoundDPO(pl.Callback):
         run_dir: where pairs, evaluations and rounds.json go (default: trainer.default_root_dir).
         rounds_path: a second copy of rounds.json (e.g. checkpoints/mrdpo/rounds.json).
         seed: draws each round's videos and its fresh LoRA A.
-        eval_batch_size, eval_max_new_tokens: greedy captioning of the evaluation (src.evaluate's defaults, so that
-            the start model's eval.json written by ``make sft`` / ``make eval`` is comparable and reused).
+        eval_batch_size, eval_max_new_tokens, eval_num_beams, eval_length_penalty: how the evaluation is captioned
+            (src.evaluate's defaults, so that the start model's eval.json written by ``make sft`` / ``make eval`` is
+            comparable and reused).
         reuse_base_eval: take row 0 from ``<base>/eval.json`` when it judged ``eval_data`` (same clip count, same
-            judge label, and judge.json names the same manifest).
+            judge label, and judge.json names the same manifest and decoding; one without a decoding record is
+            taken as greedy).
     """
 
     def __init__(self, videos: str, eval_data: str | None = None, *, rounds: int = 3, steps_per_round: int = 1000,
                  rollout_videos: int | None = None, rollout: RolloutSettings = RolloutSettings(),
                  judge: JudgeConfig = JudgeConfig(), run_dir: str | None = None, rounds_path: str | None = None,
-                 seed: int = 0, eval_batch_size: int = 32, eval_max_new_tokens: int = 96,
+                 seed: int = 0, eval_batch_size: int = 32, eval_max_new_tokens: int = EVAL_MAX_NEW_TOKENS,
+                 eval_num_beams: int = EVAL_NUM_BEAMS, eval_length_penalty: float = EVAL_LENGTH_PENALTY,
                  reuse_base_eval: bool = True):
         if rounds < 1 or steps_per_round < 1:
             raise ValueError(f"need rounds >= 1 and steps_per_round >= 1, got {rounds} and {steps_per_round}")
@@ -157,7 +161,8 @@ class MultiRoundDPO(pl.Callback):
         self.rollout = rollout if isinstance(rollout, RolloutSettings) else RolloutSettings(**rollout)
         self.judge = judge if isinstance(judge, JudgeConfig) else JudgeConfig(**judge)
         self.run_dir_setting, self.rounds_path, self.seed = run_dir, rounds_path, seed
-        self.eval_batch_size, self.eval_max_new_tokens = eval_batch_size, eval_max_new_tokens
+        self.eval_batch_size = eval_batch_size
+        self.eval_decoding = decoding_settings(eval_max_new_tokens, eval_num_beams, eval_length_penalty)
         self.reuse_base_eval = reuse_base_eval
         # state (saved in checkpoints)
         self.started_round = -1  # the last round whose start (start_round, or round 0's fresh LoRA) happened
@@ -330,8 +335,8 @@ class MultiRoundDPO(pl.Callback):
                   + (f" and {self.rounds_path}" if self.rounds_path else ""), flush=True)
 
     def _evaluate(self, k: int) -> dict | None:
-        """Row k's rates: the policy now (LoRA on) captions eval_data greedily, the judge scores it. Row 0 reuses
-        the base's eval.json when it fits. Every rank captions rows[rank::world] with whole weights; rank 0
+        """Row k's rates: the policy now (LoRA on) captions eval_data (``eval_decoding``), the judge scores it. Row 0
+        reuses the base's eval.json when it fits. Every rank captions rows[rank::world] with whole weights; rank 0
         judges and writes ``eval/round{k}``; the result is broadcast. None without ``eval_data``."""
         if self.eval_data is None:
             return None
@@ -353,8 +358,7 @@ class MultiRoundDPO(pl.Callback):
         try:
             with trainer.precision_plugin.forward_context(), unsharded(model):
                 mine = generate_captions(model, module.processor, rows[trainer.global_rank::trainer.world_size],
-                                         self.eval_data, batch_size=self.eval_batch_size,
-                                         max_new_tokens=self.eval_max_new_tokens)
+                                         self.eval_data, batch_size=self.eval_batch_size, **self.eval_decoding)
         finally:
             model.train(was_training)
         captions = {key: value for part in _gather(mine, trainer) for key, value in part.items()}
@@ -364,7 +368,8 @@ class MultiRoundDPO(pl.Callback):
             out.mkdir(parents=True, exist_ok=True)
             with self.build_judge(out / "judge_cache.sqlite", purpose="eval", index=k) as judge:
                 evaluation = judge_captions(rows, captions, judge)
-            write_outputs(out, evaluation, source=f"MrDPO round {k}", data=os.fspath(self.eval_data), preds=captions)
+            write_outputs(out, evaluation, source=f"MrDPO round {k}", data=os.fspath(self.eval_data), preds=captions,
+                          decoding=self.eval_decoding)
             result = {**evaluation.result, "eval": os.fspath(out / "eval.json")}
         result = trainer.strategy.broadcast(result, src=0)
         self._add_time("eval_s", k, time.perf_counter() - start)
@@ -383,10 +388,13 @@ class MultiRoundDPO(pl.Callback):
         if result.get("n_clips") != n_clips or result.get("judge") != label:
             return None
         info = path.with_name("judge.json")
-        if info.is_file():
-            data = json.loads(info.read_text()).get("data")
-            if data is not None and os.path.realpath(data) != os.path.realpath(self.eval_data):
-                return None
+        recorded = json.loads(info.read_text()) if info.is_file() else {}
+        data = recorded.get("data")
+        if data is not None and os.path.realpath(data) != os.path.realpath(self.eval_data):
+            return None
+        decoding = recorded.get("decoding")
+        if decoding is None and self.eval_decoding["num_beams"] != 1 or decoding not in (None, self.eval_decoding):
+            return None  # captioned another way (no record: greedy, before judge.json recorded the decoding)
         return {**{key: result[key] for key in RATES}, "eval": os.fspath(path), "reused": True}
 
     def _record(self, k: int, result: dict | None) -> None:
