@@ -58,7 +58,7 @@ from src.judge.report import load_result, rates_table, report_markdown
 RESULT_KEYS = ("miss", "incorrect", "hallucination", "eer", "repetition", "n_clips", "judge")
 # How an evaluation split is captioned (here and in the MrDPO callback's per-round evaluation): beam search, 4 beams,
 # finished captions ranked by mean log-prob. On the tiny SFT export it gave test EER 55.5% against greedy's 57.3% and
-# val 53.4% against 56.9% (bench/RESULTS.md, "Beam search"), in about the same time on the CPU.
+# val 53.4% against 56.9% (bench/RESULTS.md, "Decoding"), for 1-4 s more per 200 clips on the CPU.
 EVAL_MAX_NEW_TOKENS, EVAL_NUM_BEAMS, EVAL_LENGTH_PENALTY = 96, 4, 1.0
 
 

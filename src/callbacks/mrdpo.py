@@ -393,8 +393,12 @@ class MultiRoundDPO(pl.Callback):
         if data is not None and os.path.realpath(data) != os.path.realpath(self.eval_data):
             return None
         decoding = recorded.get("decoding")
-        if decoding is None and self.eval_decoding["num_beams"] != 1 or decoding not in (None, self.eval_decoding):
-            return None  # captioned another way (no record: greedy, before judge.json recorded the decoding)
+        if decoding is None:  # written before judge.json recorded the decoding, which was greedy then
+            same_decoding = self.eval_decoding["num_beams"] == 1
+        else:
+            same_decoding = decoding == self.eval_decoding
+        if not same_decoding:
+            return None
         return {**{key: result[key] for key in RATES}, "eval": os.fspath(path), "reused": True}
 
     def _record(self, k: int, result: dict | None) -> None:
