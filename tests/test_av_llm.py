@@ -90,6 +90,30 @@ def test_sequence_memo_gives_fresh_equal_tensors_and_is_not_pickled(loaded, clip
     assert len(processor._sequences) >= 2 and pickle.loads(pickle.dumps(processor))._sequences == {}
 
 
+@pytest.mark.parametrize("kind", ["av", "video", "audio", "text"])
+@pytest.mark.parametrize("response", [CAPTION, "", None], ids=["caption", "empty", "none"])
+def test_sequence_from_the_shared_prompt_side_equals_the_whole_build(loaded, clip_path, kind, response):
+    """The processor builds a sequence from its memoised prompt side plus the response: the same ids, labels,
+    3-D positions, rope delta and response start as tokenising the whole chat and computing its positions."""
+    from src.models.layout import sequence_positions
+    from src.models.tokenizer import chat_ids
+
+    _, processor = loaded
+    sample = inputs(processor, clip_path, kind, response=response)
+    clip = load_clip(clip_path, sampling=processor.settings.sampling, use_audio=kind in ("av", "audio"))
+    if kind == "audio":
+        clip.frames = clip.frame_times = None
+    _, spans, span_ids = processor._media(None if kind == "text" else clip)
+    ids, start, _ = chat_ids(processor.tokenizer, processor.settings.prompt, system=processor.settings.system,
+                             span=span_ids, response=response)
+    whole = torch.tensor(ids)
+    positions, delta = sequence_positions(whole, spans, video_token_id=processor.video_token_id,
+                                          audio_token_id=processor.audio_token_id)
+    assert torch.equal(sample["input_ids"], whole) and torch.equal(sample["position_ids"], positions)
+    assert sample["rope_delta"] == delta and sample["response_start"] == start
+    assert torch.equal(sample["labels"] != -100, (torch.arange(len(ids)) >= start) & (response is not None))
+
+
 def test_save_then_load_gives_identical_logits(loaded, clip_path, tmp_path):
     model, processor = loaded
     batch = processor.collate([inputs(processor, clip_path, "av")])

@@ -26,6 +26,7 @@ from src.losses.logprobs import (head_token_logps, mean_response_ce, mean_respon
                                  scatter_response_logps)
 from src.models.audio import AudioSettings
 from src.models.media_cache import gather_media
+from src.models.patch_embed import use_linear_patch_embed
 from src.models.vision_attention import use_grouped_window_attention
 import src.models.eager_lowp  # noqa: F401  (registers the "eager_lowp" attention implementation)
 
@@ -104,6 +105,7 @@ class AVLLM(PreTrainedModel):
         self.media_cache = None
         self.post_init()
         use_grouped_window_attention(self.visual.config)  # one SDPA call per window length, not per window
+        use_linear_patch_embed(self.visual.patch_embed)  # the Conv3d as the matmul it is (14-56x faster on CPU)
 
     # -- parts -------------------------------------------------------------------------------------------
     @property

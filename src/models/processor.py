@@ -26,7 +26,7 @@ from src.losses.logprobs import IGNORE_INDEX
 from src.models.audio import AudioSettings, log_mel_chunks, num_windows
 from src.models.media_cache import FrozenMediaCache
 from src.models.layout import AVLayout, VideoGrid, sequence_positions, span_token_types
-from src.models.tokenizer import DEFAULT_SYSTEM, chat_ids, special_ids
+from src.models.tokenizer import DEFAULT_SYSTEM, chat_ids, chat_response_ids, special_ids
 
 PROCESSOR_FILE = "av_processor.json"
 RESPONSES = ("chosen", "rejected", "gt")  # the sequences of a preference sample, in batch block order
@@ -100,6 +100,8 @@ class AVProcessor:
         # token sequences already built, by (layout, prompt, response): a clip's sequence is the same every epoch,
         # and building it (tokenizing, M-RoPE positions) was a third of a tiny SFT sample's processing time
         self._sequences: dict[tuple, dict[str, Any]] = {}
+        # and their prompt sides, by (layout, prompt): one for all clips of one shape (``_build_sequence``)
+        self._prompt_sides: dict[tuple, tuple[torch.Tensor, torch.Tensor, int]] = {}
         # a model's FrozenMediaCache (use_media_cache): rows get media keys, and a clip whose every part is stored
         # there is neither decoded nor featurised again; _layouts keeps what its sample needs besides the features
         self.media_cache: FrozenMediaCache | None = None
@@ -116,7 +118,7 @@ class AVProcessor:
     def __getstate__(self) -> dict[str, Any]:
         # DataLoader workers build their own memos, not copies of ours, and get no media cache: a copy would never
         # see what the model stores later (they still key their rows, so the model's side of the cache works)
-        return {**self.__dict__, "_sequences": {}, "_layouts": {}, "media_cache": None}
+        return {**self.__dict__, "_sequences": {}, "_prompt_sides": {}, "_layouts": {}, "media_cache": None}
 
     def use_media_cache(self, cache: FrozenMediaCache | None) -> None:
         """Key every row's media and serve stored encoder outputs from ``cache`` (the model's; None: stop)."""
@@ -190,17 +192,39 @@ class AVProcessor:
 
     def _build_sequence(self, spans: list[AVLayout], span_ids: list[int], prompt: str | None,
                         response: str | None) -> dict[str, Any]:
-        ids, response_start, _ = chat_ids(self.tokenizer, prompt or self.settings.prompt, system=self.settings.system,
-                                          span=span_ids, response=response)
-        input_ids = torch.tensor(ids, dtype=torch.long)
-        positions, rope_delta = sequence_positions(input_ids, spans, video_token_id=self.video_token_id,
-                                                   audio_token_id=self.audio_token_id)
+        """The prompt side (``_prompt_side``) and the response after it: the response is tokenised on its own
+        (``chat_ids``) and its positions continue the prompt's last text position on all three axes (text after the
+        media counts up by one per token, ``sequence_positions``), so this equals building the whole sequence."""
+        prompt_ids, prompt_positions, rope_delta = self._prompt_side(spans, span_ids, prompt or self.settings.prompt)
+        response_start = len(prompt_ids)
+        input_ids, positions = prompt_ids, prompt_positions
+        if response is not None:
+            tail = torch.tensor(chat_response_ids(self.tokenizer, response), dtype=torch.long)
+            after = int(prompt_positions[0, -1]) + 1 + torch.arange(len(tail))
+            input_ids = torch.cat([prompt_ids, tail])
+            positions = torch.cat([prompt_positions, after.expand(3, -1)], dim=1)
         labels = input_ids.clone()
         labels[:response_start] = IGNORE_INDEX
         if response is None:
             labels[:] = IGNORE_INDEX
         return dict(input_ids=input_ids, labels=labels, position_ids=positions, rope_delta=rope_delta,
                     response_start=response_start)
+
+    def _prompt_side(self, spans: list[AVLayout], span_ids: list[int], prompt: str) -> tuple[torch.Tensor,
+                                                                                             torch.Tensor, int]:
+        """input_ids, position_ids and rope delta of everything before the response (system turn, media span,
+        prompt, assistant header): one per (layout, prompt), the same for every clip of a data set's shape."""
+        key = (tuple(spans), prompt)
+        side = self._prompt_sides.get(key)
+        if side is None:
+            ids, _, _ = chat_ids(self.tokenizer, prompt, system=self.settings.system, span=span_ids)
+            input_ids = torch.tensor(ids, dtype=torch.long)
+            positions, rope_delta = sequence_positions(input_ids, spans, video_token_id=self.video_token_id,
+                                                       audio_token_id=self.audio_token_id)
+            side = input_ids, positions, rope_delta
+            if len(self._prompt_sides) < SEQUENCE_MEMO:
+                self._prompt_sides[key] = side
+        return side
 
     def load_clip(self, video: str | None, audio: str | None = None, *, use_audio: bool = True) -> AVClip:
         """Decode a clip with this processor's frame sampling and audio rate (BadSampleError on failure), through

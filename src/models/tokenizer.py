@@ -269,5 +269,11 @@ def chat_ids(tokenizer, prompt: str, *, system: str | None = DEFAULT_SYSTEM, spa
     ids = _encode_pieces(tokenizer, head + [prompt, end, "\n", start, "assistant\n"])
     response_start = len(ids)
     if response is not None:
-        ids += _encode_text(tokenizer, response) + end
+        ids += chat_response_ids(tokenizer, response)
     return ids, response_start, span_start
+
+
+def chat_response_ids(tokenizer, response: str) -> list[int]:
+    """The ids ``chat_ids`` puts after the assistant header for ``response``: the text encoded on its own, then
+    "<|im_end|>" (ValueError when the text spells a special token)."""
+    return _encode_text(tokenizer, response) + [special_ids(tokenizer, (IM_END,))[IM_END]]

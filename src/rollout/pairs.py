@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from src.judge.metric import EventCounts
-from src.models.tokenizer import chat_ids
+from src.models.tokenizer import chat_response_ids
 
 TIE, UNDER_MARGIN, TOO_FEW = "tie", "under_margin", "too_few_usable"
 
@@ -77,13 +77,12 @@ def response_ids(processor, caption: str) -> list[int] | None:
     """The token ids the DPO side trains on for ``caption`` as a response (its end token included), exactly as
     ``processor.encode(clip, prompt, caption)`` labels them; None when the chat encoder refuses the text.
 
-    The response is encoded on its own, after "assistant\\n" (``chat_ids``), so the prompt does not matter here.
+    The response is encoded on its own, after "assistant\\n" (``chat_response_ids``): the prompt does not matter.
     """
     try:
-        ids, start, _ = chat_ids(processor.tokenizer, "-", system=None, response=caption)
+        return chat_response_ids(processor.tokenizer, caption)
     except ValueError:  # the text spells a special token: the DPO collate would refuse it too
         return None
-    return ids[start:]
 
 
 def sample_seed(seed: int, row_id: str, sample: int) -> int:
