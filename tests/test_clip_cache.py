@@ -145,3 +145,43 @@ def test_model_processor_reads_through_the_cache(tmp_path, synthav):
     assert decoded.keys() == cached.keys()
     for key, value in decoded.items():
         assert torch.equal(value, cached[key]) if isinstance(value, torch.Tensor) else value == cached[key]
+
+
+class RefusingDecoder:
+    def __call__(self, *args, **kwargs):
+        raise AssertionError("decoded although the cache could serve the clip")
+
+
+def test_audio_only_request_is_served_from_the_audio_visual_entry(tmp_path, synthav):
+    """SynthAV's audio-only rows name the clip's mp4 as their audio: once the clip's audio-visual entry exists, the
+    audio-only clip comes from it, equal to an audio-only decode, with no decode."""
+    video = str(synthav / read_manifest(synthav / "train.jsonl")[0].video)
+    cache = ClipCache(tmp_path / "cache")
+    av = _get(cache, video, CountingDecoder())
+    assert av.audio_cut is False
+    fresh = ClipCache(tmp_path / "cache")
+    served = fresh.get(None, video, sampling=SAMPLING, use_audio=True, sample_rate=16000, decode=RefusingDecoder())
+    assert fresh.hits == 1
+    _same(served, load_clip(None, video, sampling=SAMPLING))
+    assert served.frames is None and served.audio_cut is False
+
+
+def test_audio_cut_at_the_video_end_or_unrecorded_is_decoded(tmp_path):
+    """A clip whose audio runs past its video: the audio-visual entry holds the cut audio, so the audio-only request
+    decodes. An entry written before entries recorded the cut is not used either."""
+    from tests import media_fixtures as fx
+
+    long_audio = str(fx.write_av(tmp_path / "long_audio.mp4", duration=2.0, audio_duration=3.0))
+    cache, decode = ClipCache(tmp_path / "cache"), CountingDecoder()
+    assert _get(cache, long_audio, decode).audio_cut is True
+    served = cache.get(None, long_audio, sampling=SAMPLING, use_audio=True, sample_rate=16000, decode=decode)
+    assert decode.calls == 2
+    _same(served, load_clip(None, long_audio, sampling=SAMPLING))
+    assert served.duration > 2.9  # the whole audio, not the video's 2 s
+
+    plain = str(fx.write_av(tmp_path / "plain.mp4", duration=2.0))
+    clip = load_clip(plain, sampling=SAMPLING)
+    clip.audio_cut = None  # what _read gives for an entry without the field
+    ClipCache._write(cache.path(cache.key(plain, None, SAMPLING, True, 16000)), clip)
+    cache.get(None, plain, sampling=SAMPLING, use_audio=True, sample_rate=16000, decode=decode)
+    assert decode.calls == 3

@@ -521,6 +521,9 @@ class AVClip:
     sample_rate: int
     duration: float
     audio_status: str  # "ok" | "disabled"
+    # True when the audio was cut at the video's end (audio-visual clips); None when not known. An uncut audio is
+    # exactly what an audio-only decode of the same file returns (src.data.clip_cache serves one from the other).
+    audio_cut: bool | None = False
 
 
 def load_clip(video=None, audio=None, *, sampling: FrameSampling = FrameSampling(), use_audio: bool = True,
@@ -545,7 +548,7 @@ def load_clip(video=None, audio=None, *, sampling: FrameSampling = FrameSampling
         frames, frame_times = decode_frames(video, sampling.timestamps(duration), max_pixels=sampling.max_pixels,
                                             min_pixels=sampling.min_pixels, multiple=sampling.multiple)
 
-    samples, audio_start, status = None, 0.0, "disabled"
+    samples, audio_start, status, cut = None, 0.0, "disabled", False
     if use_audio:
         if audio is None and not info.has_audio:
             raise MissingAudioError(video, "no audio stream (and no separate audio file given)")
@@ -555,9 +558,16 @@ def load_clip(video=None, audio=None, *, sampling: FrameSampling = FrameSampling
             if audio_start >= duration:
                 raise MissingAudioError(audio_source, f"audio starts at {audio_start:.2f} s, after the video "
                                         f"ends at {duration:.2f} s")
+            decoded = samples.numel()
             samples = samples[: round((duration - audio_start) * sample_rate)]
+            cut = samples.numel() < decoded
         else:
-            duration = audio_start + samples.numel() / sample_rate
+            duration = audio_only_duration(audio_start, samples, sample_rate)
     return AVClip(path=os.fspath(video if video is not None else audio), frames=frames, frame_times=frame_times,
                   audio=samples, audio_start=audio_start, sample_rate=sample_rate, duration=duration,
-                  audio_status=status)
+                  audio_status=status, audio_cut=cut)
+
+
+def audio_only_duration(audio_start: float, samples: torch.Tensor, sample_rate: int) -> float:
+    """An audio-only clip ends with its audio."""
+    return audio_start + samples.numel() / sample_rate
