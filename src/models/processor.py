@@ -193,8 +193,9 @@ class AVProcessor:
     def _build_sequence(self, spans: list[AVLayout], span_ids: list[int], prompt: str | None,
                         response: str | None) -> dict[str, Any]:
         """The prompt side (``_prompt_side``) and the response after it: the response is tokenised on its own
-        (``chat_ids``) and its positions continue the prompt's last text position on all three axes (text after the
-        media counts up by one per token, ``sequence_positions``), so this equals building the whole sequence."""
+        (``chat_response_ids``, as ``chat_ids`` does) and its positions continue the prompt's last text position on
+        all three axes (text after the media counts up by one per token, ``sequence_positions``), so this equals
+        building the whole sequence."""
         prompt_ids, prompt_positions, rope_delta = self._prompt_side(spans, span_ids, prompt or self.settings.prompt)
         response_start = len(prompt_ids)
         input_ids, positions = prompt_ids, prompt_positions
