@@ -521,9 +521,10 @@ class AVClip:
     sample_rate: int
     duration: float
     audio_status: str  # "ok" | "disabled"
-    # True when the audio was cut at the video's end (audio-visual clips); None when not known. An uncut audio is
-    # exactly what an audio-only decode of the same file returns (src.data.clip_cache serves one from the other).
-    audio_cut: bool | None = False
+    # True when the audio was cut at the video's end (audio-visual clips); None when not known (load_clip always
+    # knows; a clip built by hand does not). An uncut audio is exactly what an audio-only decode of the same file
+    # returns (src.data.clip_cache serves one from the other).
+    audio_cut: bool | None = None
 
 
 def load_clip(video=None, audio=None, *, sampling: FrameSampling = FrameSampling(), use_audio: bool = True,
