@@ -13,7 +13,7 @@ import yaml
 
 from src import fit
 from src.lit.dpo import DPOModule
-from src.lit.sft import SFTModule, warmup_cosine
+from src.lit.sft import SFTModule, clip_gradients, log_grad_norm_and_lr, warmup_cosine
 from src.models.lora import LoraSettings
 from src.models.build import load_base
 from src.data.manifest import read_manifest
@@ -91,7 +91,10 @@ def run_fit(base, synthav, root: Path, monkeypatch, *extra: str, stop_after: int
     """Fit in ``root`` (relative outputs land there); returns train/loss per logged step."""
     root.mkdir(parents=True, exist_ok=True)
     monkeypatch.chdir(root)
-    overrides = tiny_overrides(base, synthav) + ["--data.init_args.shuffle_buffer=16", *extra]
+    # the recipe compiles the decoder layers (a minute of inductor on a cold cache): eager here, where these tests
+    # check resume, accumulation and export; the compiled step has its own test below
+    overrides = tiny_overrides(base, synthav) + ["--data.init_args.shuffle_buffer=16",
+                                                 "--model.init_args.compile_decoder=false", *extra]
     fit.main(["--recipe", str(sft_recipe_copy(root, stop_after)), *overrides])
     newest = max(root.glob("logs/**/metrics.csv"), key=lambda p: p.stat().st_mtime)
     rows = list(csv.DictReader(open(newest)))
@@ -215,6 +218,122 @@ def test_attn_implementation_reaches_the_decoder_and_keeps_the_loss(tiny_base, s
         results[impl] = loss.detach(), module.model.lm_head.weight.grad.clone()
     torch.testing.assert_close(results["eager"][0], results["sdpa"][0], atol=1e-5, rtol=0)
     torch.testing.assert_close(results["eager"][1], results["sdpa"][1], atol=1e-5, rtol=1e-4)
+
+
+def test_compile_decoder_compiles_each_decoder_layer_and_without_a_compiler_warns_and_stays_eager(tiny_base,
+                                                                                                monkeypatch):
+    """recipes/sft.yaml compiles the decoder layers: each one and nothing else is wrapped (lazily: no forward
+    here); with no C++ compiler for inductor the layers stay eager, with a warning, instead of failing at step 1."""
+    module = SFTModule(base=str(tiny_base), stage="sft", trainable=["llm", "aligner"], compile_decoder=True)
+    module.configure_model()
+    layers = list(module.model.llm.layers)
+    compiled = [m for m in module.model.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    assert layers and len(compiled) == len(layers) and all(any(m is layer for layer in layers) for m in compiled)
+
+    import torch._inductor.cpp_builder as cpp_builder
+
+    def no_compiler():
+        raise cpp_builder.exc.InvalidCxxCompiler()
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
+    module = SFTModule(base=str(tiny_base), stage="sft", trainable=["llm", "aligner"], compile_decoder=True)
+    with pytest.warns(UserWarning, match="needs a C\\+\\+ compiler.*InvalidCxxCompiler"):
+        module.configure_model()
+    assert all(layer._compiled_call_impl is None for layer in module.model.llm.layers)
+
+
+@pytest.mark.slow
+def test_compiled_decoder_gives_the_eager_loss_and_gradients_with_one_graph_for_all_layers(tiny_base, synthav):
+    """The recipe's compiled decoder (eager_lowp attention, fp32 here): two batches of different padded lengths
+    give the eager losses and accumulated gradients, and dynamo builds one graph that serves every layer and both
+    lengths (no recompile). (CPU inductor: 30-60 s.)"""
+    from torch._dynamo.utils import counters
+
+    proc = AVProcessor.from_pretrained(tiny_base)
+    rows = read_manifest(synthav / "train.jsonl")
+    batches = [proc.collate([proc(r) for r in rows[:4]]), proc.collate([proc(r) for r in rows[4:7]])]
+    assert batches[0]["input_ids"].shape[1] != batches[1]["input_ids"].shape[1]
+    torch._dynamo.reset()
+    counters.clear()
+    results = {}
+    for compiled in (False, True):
+        module = SFTModule(base=str(tiny_base), stage="sft", trainable=["llm", "aligner"],
+                           attn_implementation="eager_lowp", compile_decoder=compiled)
+        module.configure_model()
+        losses = []
+        for batch in batches:
+            loss = module(batch).loss
+            loss.backward()
+            losses.append(loss.detach())
+        results[compiled] = torch.stack(losses), {n: p.grad for n, p in module.named_parameters()
+                                                  if p.grad is not None}
+    (eager_losses, eager_grads), (losses, grads) = results[False], results[True]
+    torch.testing.assert_close(losses, eager_losses, atol=1e-5, rtol=0)
+    assert grads.keys() == eager_grads.keys() and any(".layers.0." in n for n in grads)
+    for name in grads:
+        torch.testing.assert_close(grads[name], eager_grads[name], atol=1e-6, rtol=1e-4, msg=name)
+    assert len(module.model.llm.layers) > 1 and counters["stats"]["unique_graphs"] == 1
+
+
+class Gradients(torch.nn.Module):
+    """Two parameters with set gradients, and the values ``log`` received."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.zeros(3, 4))
+        self.b = torch.nn.Parameter(torch.zeros(5))
+        self.a.grad = torch.arange(12.0).reshape(3, 4) / 7
+        self.b.grad = -torch.arange(5.0)
+        self.logged = {}
+
+    def log(self, name, value):
+        self.logged[name] = value
+
+
+def test_grad_norm_logged_is_the_l2_norm_over_every_gradient():
+    module = Gradients()
+    optimizer = torch.optim.AdamW(module.parameters(), lr=0.25)
+    log_grad_norm_and_lr(module, optimizer)
+    every = torch.cat([module.a.grad.flatten(), module.b.grad])
+    assert float(module.logged["train/grad_norm"]) == pytest.approx(float(every.pow(2).sum().sqrt()), rel=1e-6)
+    assert module.logged["train/lr"] == 0.25
+
+
+def test_fused_adamw_is_clipped_under_bf16_mixed_where_lightnings_plugin_refuses():
+    """Lightning's mixed-precision plugin refuses to clip for a fused optimizer (a guard for 16-mixed's scaler);
+    under bf16-mixed nothing is scaled and ``clip_gradients`` clips to the norm asked, as for an unfused AdamW."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    plugin = MixedPrecision("bf16-mixed", "cpu")
+    module = Gradients()
+    module.trainer = SimpleNamespace(precision_plugin=plugin)
+    fused = torch.optim.AdamW(module.parameters(), lr=0.25, fused=True)
+    with pytest.raises(RuntimeError, match="fused"):
+        plugin.clip_gradients(fused, 1.0)
+    clip_gradients(module, fused, 1.0, "norm")
+    total = torch.cat([module.a.grad.flatten(), module.b.grad]).pow(2).sum().sqrt()
+    assert float(total) == pytest.approx(1.0, rel=1e-5)
+    clip_gradients(module, fused, 0.1, "value")
+    assert module.b.grad.abs().max() == pytest.approx(0.1) and module.a.grad.abs().max() <= 0.1
+
+
+def test_fused_adamw_with_clipping_trains_as_the_unfused_one_under_bf16_mixed(tiny_base, synthav, tmp_path,
+                                                                             monkeypatch):
+    """recipes/sft.yaml's optimizer: fused AdamW, bf16-mixed, clipping at 1.0 (tight here, 0.05, so it acts): a
+    3-step run gives the weights of the unfused AdamW's run (the same gradients; the kernels round differently)."""
+    runs = {}
+    for fused in (False, True):
+        run_fit(tiny_base, synthav, tmp_path / str(fused), monkeypatch, "--trainer.precision=bf16-mixed",
+                "--trainer.max_steps=3", "--trainer.gradient_clip_val=0.05",
+                f"--model.init_args.optim.fused={str(fused).lower()}")
+        runs[fused] = final_weights(tmp_path / str(fused))
+    base = load_base(tiny_base)[0].state_dict()
+    moved = [k for k in base if not torch.equal(base[k], runs[True][k])]
+    assert moved
+    for key in runs[False]:
+        torch.testing.assert_close(runs[True][key], runs[False][key], atol=1e-6, rtol=1e-5, msg=key)
 
 
 def test_activation_checkpointing_keeps_loss_and_gradients_and_leaves_frozen_encoders_out_of_backward(tiny_base,

@@ -59,8 +59,8 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 
-from src.lit.sft import (OptimSettings, adamw, build_trainable_model, compile_layers, log_grad_norm_and_lr,
-                         shard_under_model_parallel, warmup_cosine)
+from src.lit.sft import (OptimSettings, adamw, build_trainable_model, clip_gradients, compile_layers,
+                         log_grad_norm_and_lr, shard_under_model_parallel, warmup_cosine)
 from src.losses.dpo import BETA, GT_WEIGHT, PREFERENCE_LOSSES, gdpo_loss, preference_stats
 from src.losses.logprobs import response_ce, sequence_logps
 from src.models.lora import LoraSettings, clear_optimizer_state_, fold_lora_, lora_parameters, reset_lora_
@@ -362,6 +362,9 @@ class DPOModule(pl.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         log_grad_norm_and_lr(self, optimizer)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # -- optimisation --------------------------------------------------------------------------------------
     def configure_optimizers(self):

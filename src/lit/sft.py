@@ -13,18 +13,23 @@ over the run's optimizer steps. Logs train/loss, train/lr, train/tokens_per_s, t
 ``cache_video_tokens`` / ``cache_audio_states``: with a frozen vision path / Whisper encoder, each clip's video
 tokens / Whisper states are computed once and reused, and a clip whose every part is stored is no longer decoded or
 featurised (src.models.media_cache). ``attn_implementation``: the decoder's attention kernel ("sdpa", "eager", ...; None
-keeps SDPA, which the base loads with).
+keeps SDPA, which the base loads with). ``compile_decoder``: torch.compile each decoder layer (``compile_layers``: one
+graph for all, dynamic lengths; the tiny recipe's step 1.6x on a 2-core CPU after a ~30-55 s first compile).
+``optim.fused``: torch's fused AdamW, clipped under bf16-mixed where Lightning's plugin refuses (``clip_gradients``).
 """
 
 from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.utilities import GradClipAlgorithmType
 
 from src.models.build import load_base
 from src.models.lora import LoraSettings, attach_lora
@@ -50,6 +55,9 @@ class OptimSettings:
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_ratio: float = 0.03
     min_lr_ratio: float = 0.0
+    # torch's fused AdamW (one kernel pass per tensor instead of a dozen ops): the tiny LLM's 136 tensors 9.4 -> 3.0
+    # ms per step on a 2-core CPU. Clipping with it under bf16-mixed: clip_gradients below.
+    fused: bool = False
 
 
 def warmup_cosine(step: int, total: int, warmup_ratio: float, min_ratio: float) -> float:
@@ -100,13 +108,23 @@ def build_trainable_model(base: str, trainable: tuple[str, ...], lora: LoraSetti
     return model, processor
 
 
-def compile_layers(layers) -> None:
+def compile_layers(layers) -> bool:
     """Regional compilation: torch.compile each module's forward, with dynamic shapes (a new length does not
     recompile). Modules of one class share the compiled code: their parameters are the graph's inputs. A layer
     that reads its own index (a KV cache's ``update(..., layer_idx)``) is compiled once per index; without a
-    cache, one graph serves every decoder layer."""
+    cache, one graph serves every decoder layer. Inductor builds its kernels with a C++ compiler: without one
+    the layers stay eager, with a warning (the same function, slower). Returns whether they were compiled."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+    except Exception as err:  # inductor raises its own InvalidCxxCompiler; an import problem means the same here
+        warnings.warn(f"torch.compile needs a C++ compiler and found none ({type(err).__name__}): the decoder "
+                      "layers run eagerly (the same function, slower); install g++ or set compile_decoder false")
+        return False
     for layer in layers:
         layer.compile(dynamic=True)
+    return True
 
 
 def shard_under_model_parallel(module: pl.LightningModule, model) -> None:
@@ -121,15 +139,29 @@ def shard_under_model_parallel(module: pl.LightningModule, model) -> None:
 
 
 def adamw(params: list[torch.nn.Parameter], lr: float, optim: OptimSettings) -> torch.optim.AdamW:
-    return torch.optim.AdamW(params, lr=lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
+    return torch.optim.AdamW(params, lr=lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay,
+                             fused=True if optim.fused else None)
+
+
+def clip_gradients(module: pl.LightningModule, optimizer, value: float | None, algorithm) -> None:
+    """Lightning's gradient clipping, for ``configure_gradient_clipping``, that also clips for a fused optimizer
+    under bf16-mixed. Lightning's mixed-precision plugin refuses to clip for any optimizer that unscales gradients
+    in its own step (a fused one), a guard for 16-mixed's GradScaler; bf16-mixed has no scaler, nothing is scaled,
+    and the gradients are clipped as Lightning's base precision plugin clips them (torch's clip_grad_norm_ /
+    clip_grad_value_ over the optimizer's parameters). Every other case takes Lightning's own path."""
+    plugin = module.trainer.precision_plugin
+    if (type(plugin) is MixedPrecision and plugin.scaler is None
+            and getattr(optimizer, "_step_supports_amp_scaling", False)):
+        Precision.clip_gradients(plugin, optimizer, value or 0.0, GradClipAlgorithmType(algorithm or "norm"))
+    else:
+        module.clip_gradients(optimizer, gradient_clip_val=value, gradient_clip_algorithm=algorithm)
 
 
 def log_grad_norm_and_lr(module: pl.LightningModule, optimizer) -> None:
     """train/grad_norm (L2 over every gradient, before clipping) and train/lr; for on_before_optimizer_step."""
     grads = [p.grad for p in module.parameters() if p.grad is not None]
-    if grads:
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-        module.log("train/grad_norm", norm)
+    if grads:  # torch's foreach norms (as clip_grad_norm_ computes them): 6.8 -> <1 ms for the tiny LLM's 136 tensors
+        module.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
     module.log("train/lr", optimizer.param_groups[0]["lr"])
 
 
@@ -137,7 +169,8 @@ class SFTModule(pl.LightningModule):
     def __init__(self, base: str, stage: Stage = "sft", trainable: list[str] | None = None,
                  lora: LoraSettings = LoraSettings(), lr: float = 2e-5, optim: OptimSettings = OptimSettings(),
                  activation_checkpointing: bool = False, cache_video_tokens: bool = False,
-                 cache_audio_states: bool = False, attn_implementation: str | None = None):
+                 cache_audio_states: bool = False, attn_implementation: str | None = None,
+                 compile_decoder: bool = False):
         super().__init__()
         if stage not in STAGE_TRAINABLE:
             raise ValueError(f"stage must be one of {tuple(STAGE_TRAINABLE)}, got {stage!r}")
@@ -150,6 +183,7 @@ class SFTModule(pl.LightningModule):
         parts = [part for part, on in (("video", cache_video_tokens), ("audio", cache_audio_states)) if on]
         self.media_cache = FrozenMediaCache(parts) if parts else None
         self.attn_implementation = attn_implementation
+        self.compile_decoder = compile_decoder
         self.model = None
         self.processor = None
         self._step_started: float | None = None
@@ -163,6 +197,8 @@ class SFTModule(pl.LightningModule):
                                                            self.activation_checkpointing)
         if self.attn_implementation is not None:
             self.model.llm.set_attn_implementation(self.attn_implementation)
+        if self.compile_decoder:
+            compile_layers(self.model.llm.layers)
         shard_under_model_parallel(self, self.model)
         if self.media_cache is not None:
             self.media_cache.check_frozen(self.model)
@@ -194,6 +230,9 @@ class SFTModule(pl.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         log_grad_norm_and_lr(self, optimizer)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # -- optimisation --------------------------------------------------------------------------------------
     def configure_optimizers(self):
