@@ -12,7 +12,7 @@ import torch
 from src.data.manifest import read_manifest
 from src.lit.sft import SFTModule
 from src.models.build import load_base
-from src.models.media_cache import FrozenMediaCache
+from src.models.media_cache import FrozenMediaCache, gather_media
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +32,30 @@ def embed(model, batch):
             "video_tokens", "audio_keys", "audio_states")
     with torch.no_grad():
         return model.embed(batch["input_ids"], **{k: batch[k] for k in keys if k in batch})
+
+
+def test_repeated_keys_are_encoded_once_per_call_with_or_without_a_store():
+    """gather_media computes each key once per call (the rollout's K samples of a video); unkeyed items each get
+    their own encode; given features are never recomputed; duplicates count as hits in the store's tally."""
+    calls = []
+
+    def encode(todo):
+        calls.append(list(todo))
+        return [torch.full((2,), float(i)) for i in todo]
+
+    keys = ["a", "b", "a", None, "b", None]
+    for store in (None, {}):
+        calls.clear()
+        out, computed = gather_media(store, keys, None, len(keys), encode)
+        assert calls == [[0, 1, 3, 5]] and computed == 4
+        assert [int(t[0]) for t in out] == [0, 1, 0, 3, 1, 5]
+    given = [None, torch.zeros(2), None, None, None, None]
+    calls.clear()
+    out, computed = gather_media(None, keys, given, len(keys), encode)
+    assert calls == [[0, 3, 4, 5]] and out[1] is given[1] and int(out[4][0]) == 4 and computed == 4
+    cache = FrozenMediaCache(["video"])
+    cache.gather("video", keys, None, len(keys), encode)
+    assert cache.misses["video"] == 4 and cache.hits["video"] == 2 and set(cache.stores["video"]) == {"a", "b"}
 
 
 def test_the_model_stores_keyed_outputs_and_reads_them_back(frozen, rows):

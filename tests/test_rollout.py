@@ -151,6 +151,46 @@ def test_recorded_logps_equal_a_teacher_forced_forward(base, rows, tmp_path):
     assert checked >= 8
 
 
+def test_the_encoders_run_once_per_video_not_once_per_sample(base, rows, tmp_path, monkeypatch):
+    """A generate call holds the K samples of batch_size // K videos: in its prompt pass the vision tower and
+    Whisper see each video once (its samples share its media key), where without the keys they saw K copies; the
+    samples are the same."""
+    from src.models import generate as generation
+
+    model, processor = steered(base, rows)
+    seen, inside = {"video": [], "audio": []}, []
+
+    def tower(module, args, kwargs, out):  # a forward hook that returns something replaces the output
+        if inside:
+            seen["video"].append(len(kwargs["grid_thw"]))
+
+    def whisper(module, args, out):
+        if inside:
+            seen["audio"].append(args[0].shape[0])
+
+    model.visual.register_forward_hook(tower, with_kwargs=True)
+    model.whisper.register_forward_hook(whisper)
+    keyed = generation.prompt_pass
+
+    def prompt_pass(model, batch, keys=True):
+        inside.append(1)
+        try:
+            return keyed(model, batch if keys else {k: v for k, v in batch.items()
+                                                    if k not in generation.MEDIA_OUTPUTS})
+        finally:
+            inside.clear()
+
+    monkeypatch.setattr(generation, "prompt_pass", prompt_pass)
+    rollout(model, processor, rows[:4], SynthJudge(), tmp_path / "once.jsonl", SETTINGS, progress=False)
+    once = {part: list(calls) for part, calls in seen.items()}
+    seen["video"].clear(), seen["audio"].clear()
+    monkeypatch.setattr(generation, "prompt_pass", lambda model, batch: prompt_pass(model, batch, keys=False))
+    rollout(model, processor, rows[:4], SynthJudge(), tmp_path / "every.jsonl", SETTINGS, progress=False)
+    assert once["video"] == [SETTINGS.batch_size // SETTINGS.k] * 2 and seen["video"] == [SETTINGS.batch_size] * 2
+    assert once["audio"] and seen["audio"] == [SETTINGS.k * n for n in once["audio"]]
+    assert pair_dicts(tmp_path / "once.jsonl") == pair_dicts(tmp_path / "every.jsonl")
+
+
 def test_reference_logps_equal_the_adapter_disabled_forward(base, rows, tmp_path):
     """LoRA attached and folded at a round boundary: the ref log-probs written into each pair == a fresh forward
     of the adapter-disabled model on the same sequences (both the recorded and the recomputed ones)."""

@@ -25,6 +25,10 @@ from typing import Union
 import torch
 from transformers.cache_utils import DynamicCache
 
+# media keys and stored encoder outputs a batch may bring (AVProcessor._media_batch), passed on to AVLLM.embed: with
+# keys, a video repeated in the batch (K samples of it) goes through the encoders once (media_cache.gather_media)
+MEDIA_OUTPUTS = ("video_keys", "video_tokens", "audio_keys", "audio_states")
+
 
 @dataclass
 class GenerationSettings:
@@ -81,7 +85,8 @@ def prompt_pass(model, batch: dict):
     position of each row's first new token)."""
     input_ids, attention_mask, position_ids = batch["input_ids"], batch["attention_mask"], batch["position_ids"]
     embeds = model.embed(input_ids, batch.get("pixel_values_videos"), batch.get("video_grid_thw"),
-                         batch.get("input_features"), batch.get("audio_chunks"), batch.get("audio_windows"))
+                         batch.get("input_features"), batch.get("audio_chunks"), batch.get("audio_windows"),
+                         **{name: batch[name] for name in MEDIA_OUTPUTS if name in batch})
     out = model(input_ids, position_ids, attention_mask, inputs_embeds=embeds, cache=DynamicCache(), use_cache=True,
                 return_logits=False)
     next_pos = position_ids.masked_fill(attention_mask[None] == 0, -1).amax(dim=(0, 2)) + 1

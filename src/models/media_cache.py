@@ -73,16 +73,28 @@ def gather_media(store: dict[str, torch.Tensor] | None, keys: Sequence[str | Non
                  encode: Callable[[list[int]], list[torch.Tensor]]) -> tuple[list[torch.Tensor], int]:
     """The features of ``count`` items in order, and how many were computed: item i's ``given[i]`` (the batch
     brought it), else ``store[keys[i]]``, else computed by ``encode(indices)`` (one call for all of those) and
-    stored when the item has a key and there is a store."""
+    stored when the item has a key and there is a store. Items of one key are computed once per call, store or
+    not: the same media repeated in a batch (the rollout's K samples of a video) runs the encoder once."""
     out = list(given) if given is not None else [None] * count
     if len(out) != count or (keys is not None and len(keys) != count):
         raise ValueError(f"{count} media items, {len(out)} given features, {'no' if keys is None else len(keys)} keys")
     if store is not None and keys is not None:
         out = [store.get(k) if f is None and k is not None else f for f, k in zip(out, keys)]
     todo = [i for i in range(count) if out[i] is None]
-    if todo:
-        for i, feature in zip(todo, encode(todo), strict=True):
+    first: dict[str, int] = {}  # key -> the item computed for it
+    unique = []
+    for i in todo:
+        key = keys[i] if keys is not None else None
+        if key is None or key not in first:
+            unique.append(i)
+            if key is not None:
+                first[key] = i
+    if unique:
+        for i, feature in zip(unique, encode(unique), strict=True):
             out[i] = feature
             if store is not None and keys is not None and keys[i] is not None:
                 store[keys[i]] = feature.detach().to("cpu", copy=True)
-    return out, len(todo)
+        for i in todo:
+            if out[i] is None:
+                out[i] = out[first[keys[i]]]
+    return out, len(unique)

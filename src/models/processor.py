@@ -246,17 +246,21 @@ class AVProcessor:
         sample["id"] = row.id
         return sample
 
+    def media_key(self, row) -> str | None:
+        """The row's media key: its id and what a decode of its files with these settings returns
+        (``clip_cache.media_file_key``); a rewritten file gets a new key. None when a file is missing (load_clip
+        raises its well-described error)."""
+        try:
+            return f"{row.id}:" + media_file_key(row.video, row.audio, self.settings.sampling, row.use_audio,
+                                                 self.settings.audio.sample_rate)
+        except OSError:
+            return None
+
     def _row_media(self, row) -> tuple[dict[str, Any], list[AVLayout], list[int]]:
         """``_media`` of the row's clip. With media keys, the sample names its key ("media_key"); when the media
         cache holds every part of the clip under it, the clip is not loaded: the sample brings the stored outputs
         ("video_tokens", "audio_states") and the layout kept the first time, with no pixels or log-mel."""
-        key = None
-        if self.media_keys:
-            try:
-                key = f"{row.id}:" + media_file_key(row.video, row.audio, self.settings.sampling, row.use_audio,
-                                                    self.settings.audio.sample_rate)
-            except OSError:  # a missing file: load_clip raises its well-described error
-                key = None
+        key = self.media_key(row) if self.media_keys else None
         kept = self._layouts.get(key) if key is not None else None
         if kept is not None and self.media_cache is not None and self.media_cache.holds(key, kept["parts"]):
             cache = self.media_cache

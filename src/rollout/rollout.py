@@ -187,6 +187,8 @@ def _decode(processor, group: Sequence) -> list[_Video]:
             try:
                 video.clip = processor.load_clip(row.video, row.audio, use_audio=row.use_audio)
                 video.sample = processor.encode(video.clip, row.prompt)
+                # the K samples of this video share its key: the encoders run on it once per generate call
+                video.sample["media_key"] = processor.media_key(row)
             except BadSampleError as err:
                 video.error = f"{row.source}: {err}"
         videos.append(video)
