@@ -25,6 +25,11 @@ to --out (default: the checkpoint directory):
     events.jsonl        with --extract-events: the manifest with its extracted events
     judge_cache.sqlite  llm / hf judges: every answer, so a re-run or a crashed run never asks twice
 
+--compare prints the rates of finished evaluations side by side and, for two or more of the same clips, each one's EER
+change against the first with a 95% paired bootstrap interval over the clips (the same clips drawn for both runs;
+it says whether a change is larger than which clips happen to be in the test split, not whether another training run
+would reproduce it).
+
 Rates are micro-averaged fractions of the ground-truth events; EER = miss + incorrect + hallucination. With
 --passes N the judge runs N independent passes and the pass with the median EER is reported (the authors' protocol,
 N = 7; the lower median for even N). The llm judge's key is read from the environment variable named by
@@ -53,7 +58,7 @@ from src.judge.cache import CACHE_FILE
 from src.judge.factory import JUDGE_NAMES, check_settings, make_judge
 from src.judge.metric import rates
 from src.judge.plot import default_label, plot_compare
-from src.judge.report import load_result, rates_table, report_markdown
+from src.judge.report import eer_change_table, load_clip_counts, load_result, rates_table, report_markdown
 
 RESULT_KEYS = ("miss", "incorrect", "hallucination", "eer", "repetition", "n_clips", "judge")
 # How an evaluation split is captioned (here and in the MrDPO callback's per-round evaluation): beam search, 4 beams,
@@ -283,12 +288,15 @@ def evaluate(model, processor, manifest: str | os.PathLike, *, judge: str | Judg
 # ---------------------------------------------------------------------------------------------------- compare
 
 def compare(directories: Sequence[str], *, labels: Sequence[str] | None = None, plot: str | os.PathLike) -> str:
-    """The rates table of evaluation directories (in order); writes the PNG ``plot`` and a .md table beside it."""
+    """The rates table of evaluation directories (in order) and, for two or more, each one's EER change against the
+    first with a paired bootstrap interval over the clips; writes the PNG ``plot`` and a .md of both beside it."""
     if labels is not None and len(labels) != len(directories):
         raise ValueError(f"--labels gives {len(labels)} names for {len(directories)} directories")
-    runs = [(label, load_result(d)) for label, d in zip(labels or [default_label(d) for d in directories],
-                                                        directories)]
+    names = labels or [default_label(d) for d in directories]
+    runs = [(label, load_result(d)) for label, d in zip(names, directories)]
     table = rates_table(runs)
+    if len(directories) > 1:
+        table += "\n\n" + eer_change_table([(label, load_clip_counts(d)) for label, d in zip(names, directories)])
     path = plot_compare(runs, plot)
     path.with_suffix(".md").write_text(table + "\n")
     return table

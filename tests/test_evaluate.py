@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from src import evaluate
+from src.judge.report import load_result
 from src.evaluate import RESULT_KEYS, median_pass, read_predictions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,11 +153,20 @@ def test_compare_writes_a_png_and_a_table_in_order(tmp_path, capsys):
     lines = table.strip().splitlines()
     # "better": a is exact, b misses GT[3]: 1 missed of 6 events
     assert lines[2].startswith("| sft | 16.7% |") and lines[3].startswith("| round1/final | 16.7% | 0.0% | 0.0% | 16.7%")
+    # the EER change against the first run, with its paired bootstrap interval over the 2 clips
+    change = next(line for line in lines if line.startswith("| round1/final | 16.7% |") and " pt |" in line)
+    eer = {d: load_result(tmp_path / d)["eer"] for d in ("sft", "round1/final")}
+    assert f"| {100 * (eer['round1/final'] - eer['sft']):+.1f} pt |" in change
+    assert "EER change against sft: paired bootstrap over the 2 clips" in table
     evaluate.compare([str(tmp_path / "sft")], labels=["SFT"], plot=tmp_path / "one.png")
     with pytest.raises(ValueError, match="--labels gives 1 names for 2 directories"):
         evaluate.compare([str(tmp_path / "sft")] * 2, labels=["x"], plot=tmp_path / "x.png")
     with pytest.raises(ValueError, match=f"{tmp_path / 'docs'}: no results.json"):
         evaluate.compare([str(tmp_path / "docs")], plot=tmp_path / "x.png")
+    (tmp_path / "other").mkdir()  # results but no per-clip samples: the comparison names the missing file
+    (tmp_path / "other" / "results.json").write_text((tmp_path / "sft" / "results.json").read_text())
+    with pytest.raises(ValueError, match="samples.jsonl: no per-clip samples"):
+        evaluate.compare([str(tmp_path / "sft"), str(tmp_path / "other")], plot=tmp_path / "x.png")
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "results.json").write_text('{"miss": 0.1,\n "eer": }')
     assert evaluate.main(["--compare", str(tmp_path / "broken"), "--plot", str(tmp_path / "x.png")]) == 2

@@ -171,3 +171,34 @@ def test_eer_can_exceed_one():
 def test_rates_of_nothing_are_nan_not_zero():
     r = rates([])
     assert math.isnan(r["eer"]) and math.isnan(r["repetition"]) and r["n_clips"] == 0
+
+
+def test_paired_eer_bootstrap_by_hand():
+    """The change and its interval from the same draws recomputed by hand; identical runs give exactly 0; a change
+    on most clips lies outside the interval's other side; clips that differ are refused."""
+    import torch
+
+    from src.judge.metric import paired_eer_bootstrap
+
+    def c(n_gt, errors):
+        return EventCounts(n_gt=n_gt, correct=n_gt - errors, missed=errors, incorrect=0, hallucination=0,
+                           n_sentences=n_gt, repeated_sentences=0)
+
+    gts = [4, 5, 3, 6, 4, 5, 4, 3]
+    base = [c(n, e) for n, e in zip(gts, [2, 3, 1, 4, 2, 2, 3, 1])]
+    other = [c(n, e) for n, e in zip(gts, [1, 3, 0, 2, 2, 1, 2, 1])]
+    out = paired_eer_bootstrap(base, other, resamples=500, level=0.9, seed=7)
+    assert out["eer_base"] == pytest.approx(18 / 34) and out["eer"] == pytest.approx(12 / 34)
+    assert out["delta"] == pytest.approx(-6 / 34) and out["relative"] == pytest.approx(-6 / 18)
+    draws = torch.randint(len(gts), (500, len(gts)), generator=torch.Generator().manual_seed(7)).tolist()
+    deltas = sorted(sum(other[i].missed - base[i].missed for i in d) / sum(gts[i] for i in d) for d in draws)
+    want = torch.quantile(torch.tensor(deltas, dtype=torch.float64), torch.tensor([0.05, 0.95], dtype=torch.float64))
+    assert [out["low"], out["high"]] == pytest.approx(want.tolist(), abs=1e-12)
+    assert out["high"] < 0 and out["p_worse"] == pytest.approx(sum(x >= 0 for x in deltas) / 500)
+    same = paired_eer_bootstrap(base, base)
+    assert (same["delta"], same["low"], same["high"], same["p_worse"]) == (0.0, 0.0, 0.0, 1.0)
+    with pytest.raises(ValueError, match="different ground-truth event counts"):
+        paired_eer_bootstrap(base, [c(n + 1, 0) for n in gts])
+    with pytest.raises(ValueError, match="the same clips"):
+        paired_eer_bootstrap(base, other[:-1])
+

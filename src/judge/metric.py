@@ -11,7 +11,7 @@ from __future__ import annotations
 import bisect
 import re
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 MIN_LOOP_COPIES = 3
@@ -147,3 +147,42 @@ def rates(counts: Iterable[EventCounts]) -> dict[str, float]:
     out["repetition"] = _fraction(sum(c.repeated_sentences for c in counts), sum(c.n_sentences for c in counts))
     out["n_clips"] = len(counts)
     return out
+
+
+def paired_eer_bootstrap(base: Sequence[EventCounts], other: Sequence[EventCounts], *, resamples: int = 2000,
+                         level: float = 0.95, seed: int = 0) -> dict[str, float]:
+    """The EER change from ``base`` to ``other``, captions of the same clips in the same order, with a paired
+    bootstrap interval: clips are drawn with replacement (the same draw for both runs, which keeps the
+    per-clip pairing that makes small changes measurable) and each draw's micro-averaged EERs are recomputed.
+
+    Returns {"eer_base", "eer", "delta", "low", "high", "relative", "relative_low", "relative_high", "p_worse"}: the
+    change other - base, its percentile interval at ``level``, the same relative to base's EER, and the share of
+    draws where other's EER is not lower (a one-sided bootstrap p-value for "other is better"). Only the clips
+    vary; a training run's own randomness (seeds) is not in the interval."""
+    import torch
+
+    if len(base) != len(other) or not base:
+        raise ValueError(f"paired bootstrap needs the same clips in both runs, got {len(base)} and {len(other)}")
+    if not 0 < level < 1 or resamples < 1:
+        raise ValueError(f"level must be in (0, 1) and resamples >= 1, got {level} and {resamples}")
+
+    def table(counts):
+        return torch.tensor([[c.n_gt, c.missed + c.incorrect + c.hallucination] for c in counts], dtype=torch.float64)
+
+    a, b = table(base), table(other)
+    if not torch.equal(a[:, 0], b[:, 0]):
+        raise ValueError("paired bootstrap: the runs' clips have different ground-truth event counts (not the same "
+                         "clips in the same order)")
+    draws = torch.randint(len(base), (resamples, len(base)), generator=torch.Generator().manual_seed(seed))
+    n_gt = a[:, 0][draws].sum(1).clamp_min(1)
+    eer_a, eer_b = a[:, 1][draws].sum(1) / n_gt, b[:, 1][draws].sum(1) / n_gt
+    delta, relative = eer_b - eer_a, (eer_b - eer_a) / eer_a.clamp_min(1e-12)
+    tail = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    lo, hi = torch.quantile(delta, tail).tolist()
+    rlo, rhi = torch.quantile(relative, tail).tolist()
+    eer0 = float(a[:, 1].sum() / a[:, 0].sum().clamp_min(1))
+    eer1 = float(b[:, 1].sum() / a[:, 0].sum().clamp_min(1))
+    return {"eer_base": eer0, "eer": eer1, "delta": eer1 - eer0, "low": lo, "high": hi,
+            "relative": (eer1 - eer0) / eer0 if eer0 else float("nan"), "relative_low": rlo, "relative_high": rhi,
+            "p_worse": float((delta >= 0).double().mean())}
+

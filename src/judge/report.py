@@ -12,6 +12,8 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+from src.judge.metric import EventCounts, paired_eer_bootstrap
+
 RATE_COLUMNS = (("miss", "miss"), ("incorrect", "incorrect"), ("hallucination", "hallucination"), ("eer", "EER"),
                 ("repetition", "repetition"))
 
@@ -98,3 +100,45 @@ def load_result(directory: str | Path) -> dict:
                 raise ValueError(f"{path}: not an evaluation result (no numeric {', '.join(missing)})")
             return result
     raise ValueError(f"{directory}: no results.json (run python -m src.evaluate --out {directory} first)")
+
+
+def load_clip_counts(directory: str | Path) -> dict[str, EventCounts]:
+    """Per-clip event counts of an evaluation directory (its samples.jsonl: id -> EventCounts); ValueError naming
+    the file (and line) when it is missing or a line is malformed."""
+    path = Path(directory) / "samples.jsonl"
+    if not path.is_file():
+        raise ValueError(f"{path}: no per-clip samples (an evaluation directory written by python -m src.evaluate)")
+    out: dict[str, EventCounts] = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            sample = json.loads(line)
+            out[sample["id"]] = EventCounts(**sample["counts"])
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{path}:{number}: not a judged sample ({type(err).__name__}: {err})") from None
+    return out
+
+
+def eer_change_table(runs: Sequence[tuple[str, dict[str, EventCounts]]], *, resamples: int = 2000,
+                     level: float = 0.95, seed: int = 0) -> str:
+    """A markdown table: each run's EER change against the first run, with a paired bootstrap interval over the
+    clips (``metric.paired_eer_bootstrap``). Runs must hold the same clips; a run that does not is named as such."""
+    (base_label, base), rest = runs[0], runs[1:]
+    ids = sorted(base)
+    pct = int(round(100 * level))
+    lines = [f"EER change against {base_label}: paired bootstrap over the {len(ids)} clips ({resamples} draws; "
+             "the interval covers clip sampling only, not a training run's own randomness)", "",
+             f"| run | EER | change | {pct}% interval | relative | {pct}% interval | P(not lower) |",
+             "|---|---|---|---|---|---|---|"]
+    for label, counts in rest:
+        if sorted(counts) != ids:
+            lines.append(f"| {label} | - | not the same clips as {base_label} | | | | |")
+            continue
+        b = paired_eer_bootstrap([base[i] for i in ids], [counts[i] for i in ids], resamples=resamples, level=level,
+                                 seed=seed)
+        lines.append(f"| {label} | {percent(b['eer'])} | {100 * b['delta']:+.1f} pt | [{100 * b['low']:+.1f}, "
+                     f"{100 * b['high']:+.1f}] | {100 * b['relative']:+.1f}% | [{100 * b['relative_low']:+.1f}%, "
+                     f"{100 * b['relative_high']:+.1f}%] | {b['p_worse']:.3f} |")
+    return "\n".join(lines)
+
