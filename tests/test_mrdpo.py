@@ -24,7 +24,8 @@ import torch
 import yaml
 
 from src import fit
-from src.callbacks.mrdpo import ROW_KEYS, MultiRoundDPO, round_seed, round_subset, rounds_table, write_json_atomic
+from src.callbacks.mrdpo import (ROW_KEYS, MultiRoundDPO, eer_change, round_seed, round_subset, rounds_table,
+                                 write_json_atomic)
 from src.data.datamodule import PreferenceDataModule
 from src.data.manifest import read_manifest
 from src.lit.sft import warmup_cosine
@@ -378,9 +379,23 @@ def test_rounds_table_by_hand(tmp_path):
     assert lines[2] == "| 0 (start, reused base/eval.json) | 50.0% | 25.0% | 25.0% | 100.0% | - | 0 | 0.0 |"
     assert lines[3] == "| 1 | 40.0% | 10.0% | 20.0% | 70.0% | 5.0% | 120 | 3.2 |"
     assert lines[-1] == "EER 100.0% -> 70.0% after round 1 (-30.0% relative)"
+    change = {"relative_low": -0.45, "relative_high": -0.125}
+    assert rounds_table(rows, change).splitlines()[-1] == ("EER 100.0% -> 70.0% after round 1 (-30.0% relative; 95% "
+                                                           "interval over the evaluation's clips -45.0% to -12.5%, "
+                                                           "paired bootstrap)")
+    assert eer_change(rows) is None  # no per-clip samples beside the eval.json files
+    for row, errors in zip(rows, ([2, 2, 3], [1, 2, 1])):  # two evaluations of the same three clips
+        row["eval"] = str(tmp_path / f"round{row['round']}" / "eval.json")
+        Path(row["eval"]).parent.mkdir()
+        Path(row["eval"]).with_name("samples.jsonl").write_text("".join(json.dumps(
+            {"id": f"c{i}", "counts": {"n_gt": 3, "correct": 3 - e, "missed": e, "incorrect": 0, "hallucination": 0,
+                                       "n_sentences": 3, "repeated_sentences": 0}}) + "\n" for i, e in enumerate(errors)))
+    change = eer_change(rows)
+    assert change["eer_base"] == pytest.approx(7 / 9) and change["delta"] == pytest.approx(-3 / 9)
+    assert change["relative_low"] <= change["relative"] <= change["relative_high"]
     write_json_atomic(tmp_path / "rounds.json", rows)
     assert json.loads((tmp_path / "rounds.json").read_text()) == rows
-    assert [p.name for p in tmp_path.iterdir()] == ["rounds.json"]  # no temp file left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["round0", "round1", "rounds.json"]  # no temp file
 
 
 class _Module:

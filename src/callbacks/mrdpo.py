@@ -107,8 +107,9 @@ def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
-def rounds_table(rows: list[dict]) -> str:
-    """The per-round caption-error table (markdown): round, the rates, pairs, minutes."""
+def rounds_table(rows: list[dict], change: dict | None = None) -> str:
+    """The per-round caption-error table (markdown): round, the rates, pairs, minutes; ``change``: the paired
+    bootstrap of the last row against the first (``eer_change``), whose relative interval the closing line gives."""
     lines = ["| round | miss | incorrect | hallucination | EER | repetition | pairs | minutes |",
              "|---|---|---|---|---|---|---|---|"]
     for row in rows:
@@ -119,9 +120,29 @@ def rounds_table(rows: list[dict]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     first, last = rows[0].get("eer"), rows[-1].get("eer")
     if len(rows) > 1 and first and last is not None:
+        interval = "" if change is None else (f"; 95% interval over the evaluation's clips {change['relative_low']:+.1%} "
+                                              f"to {change['relative_high']:+.1%}, paired bootstrap")
         lines.append(f"\nEER {_percent(first)} -> {_percent(last)} after round {rows[-1]['round']} "
-                     f"({(last - first) / first:+.1%} relative)")
+                     f"({(last - first) / first:+.1%} relative{interval})")
     return "\n".join(lines)
+
+
+def eer_change(rows: list[dict]) -> dict | None:
+    """``metric.paired_eer_bootstrap`` of the last row's evaluation against the first's, from the per-clip samples
+    beside their eval.json; None when either has none or they judged different clips."""
+    from src.judge.metric import paired_eer_bootstrap
+    from src.judge.report import load_clip_counts
+
+    if len(rows) < 2 or not rows[0].get("eval") or not rows[-1].get("eval"):
+        return None
+    try:
+        first, last = (load_clip_counts(Path(row["eval"]).parent) for row in (rows[0], rows[-1]))
+    except ValueError:
+        return None
+    if sorted(first) != sorted(last):
+        return None
+    ids = sorted(first)
+    return paired_eer_bootstrap([first[i] for i in ids], [last[i] for i in ids])
 
 
 class MultiRoundDPO(pl.Callback):
@@ -422,7 +443,7 @@ class MultiRoundDPO(pl.Callback):
         if trainer.is_global_zero:
             for path in [self.run_dir / "rounds.json"] + ([Path(self.rounds_path)] if self.rounds_path else []):
                 write_json_atomic(path, self.rows)
-            print("\n" + rounds_table(self.rows) + "\n", flush=True)
+            print("\n" + rounds_table(self.rows, eer_change(self.rows)) + "\n", flush=True)
         metrics = {f"caption/{key}": row[key] for key in RATES if row[key] is not None}
         metrics["mrdpo/pairs"] = float(pairs)
         for logger in trainer.loggers:
