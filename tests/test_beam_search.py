@@ -67,6 +67,31 @@ def test_beam_logps_are_the_models_and_rows_do_not_depend_on_their_batch(loaded,
         assert alone.tokens[0, :alone.lengths[0]].tolist() == tokens
 
 
+def test_num_return_sequences_gives_each_rows_best_hypotheses_best_first(loaded, prompts):
+    """n hypotheses per row as rows r*n .. r*n+n-1: the first is the one-best output, the scores (mean log-prob,
+    length penalty 1) do not rise, each log-prob is the model's, and n > num_beams is refused."""
+    from src.models.generate import beam_search
+
+    model, processor = loaded
+    eos = int(beam(model, processor, prompts[:1], -1, max_new_tokens=1).tokens[0, 0])
+    settings = GenerationSettings(num_beams=3, max_new_tokens=6)
+    batch = processor.collate(prompts, padding_side="left")
+    one = beam_search(model, batch, settings, eos_token_id=eos, pad_token_id=processor.pad_token_id)
+    three = beam_search(model, batch, settings, eos_token_id=eos, pad_token_id=processor.pad_token_id,
+                        num_return_sequences=3)
+    assert three.tokens.shape[0] == 3 * len(prompts)
+    for row, sample in enumerate(prompts):
+        hyps = [three.tokens[3 * row + j, :three.lengths[3 * row + j]].tolist() for j in range(3)]
+        assert hyps[0] == one.tokens[row, :one.lengths[row]].tolist()
+        scores = [float(three.logps[3 * row + j]) / len(h) for j, h in enumerate(hyps)]
+        assert scores == sorted(scores, reverse=True)
+        expected = [continuation_logps(model, processor, sample, [h])[0].item() for h in hyps]
+        assert [float(x) for x in three.logps[3 * row:3 * row + 3]] == pytest.approx(expected, abs=1e-4)
+    with pytest.raises(ValueError, match="num_return_sequences must be in"):
+        beam_search(model, batch, settings, eos_token_id=eos, pad_token_id=processor.pad_token_id,
+                    num_return_sequences=4)
+
+
 def test_as_many_beams_as_tokens_finds_the_most_likely_two_token_caption(loaded, prompts):
     model, processor = loaded
     sample = prompts[2]

@@ -151,6 +151,42 @@ def test_recorded_logps_equal_a_teacher_forced_forward(base, rows, tmp_path):
     assert checked >= 8
 
 
+def test_beam_candidates_are_the_k_best_hypotheses_with_their_model_logps(base, rows, tmp_path):
+    """candidates "beam": a video's K candidates are the K best hypotheses of a K-beam search (best first), each
+    recorded log-prob is the DPO side's teacher-forced sum, and the pairs are chosen among them as for samples."""
+    from src.models.generate import beam_search
+
+    model, processor = steered(base, rows)
+    settings = dataclasses.replace(SETTINGS, candidates="beam")
+    stats = rollout(model, processor, rows[:4], SynthJudge(), tmp_path / "pairs.jsonl", settings, progress=False)
+    assert stats.samples == 4 * settings.k and stats.pairs + stats.dropped == 4
+    records = read_progress(tmp_path / "pairs.jsonl")
+    batch = processor.collate([processor.encode(processor.load_clip(r.video, r.audio, use_audio=r.use_audio),
+                                                r.prompt) for r in rows[:4]], padding_side="left")
+    with torch.no_grad():
+        out = beam_search(model, batch, settings.generation(), eos_token_id=processor.eos_token_id,
+                          pad_token_id=processor.pad_token_id, num_return_sequences=settings.k)
+    checked = 0
+    for v, (record, row) in enumerate(zip(records, rows[:4])):
+        assert record["id"] == row.id and len(record["samples"]) == settings.k
+        for j, sample in enumerate(record["samples"]):
+            i = v * settings.k + j
+            ids = out.tokens[i, :out.lengths[i]].tolist()
+            assert sample["caption"] == processor.tokenizer.decode(ids[:-1] if out.finished[i] else ids,
+                                                                   skip_special_tokens=True)
+            assert sample["logp"] == pytest.approx(float(out.logps[i]), abs=1e-5)
+            if sample["finished"] and sample["usable"] and len(response_ids(processor, sample["caption"])) == \
+                    sample["tokens"]:
+                fresh = dpo_side_logps(model, processor, row, [sample["caption"]])[0]
+                assert abs(float(fresh) - sample["logp"]) < LOGP_ATOL
+                checked += 1
+        scores = [s["logp"] / s["tokens"] for s in record["samples"]]
+        assert scores == sorted(scores, reverse=True)  # best first (length penalty 1.0: mean log-prob)
+    assert checked >= 4
+    with pytest.raises(ValueError, match="candidates must be 'sample' or 'beam'"):
+        dataclasses.replace(SETTINGS, candidates="greedy")
+
+
 def test_the_encoders_run_once_per_video_not_once_per_sample(base, rows, tmp_path, monkeypatch):
     """A generate call holds the K samples of batch_size // K videos: in its prompt pass the vision tower and
     Whisper see each video once (its samples share its media key), where without the keys they saw K copies; the

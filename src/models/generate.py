@@ -145,10 +145,14 @@ def _normalised(logp: float, length: int, length_penalty: float) -> float:
 
 @torch.no_grad()
 def beam_search(model, batch: dict, settings: GenerationSettings, *, eos_token_id: int,
-                pad_token_id: int) -> Generated:
+                pad_token_id: int, num_return_sequences: int = 1) -> Generated:
     """Beam search for a left-padded batch (module docstring): each row's best hypothesis, its summed log-prob
-    under the model (the plain sum, whatever ``length_penalty`` ranked it by) and whether it ended."""
+    under the model (the plain sum, whatever ``length_penalty`` ranked it by) and whether it ended.
+    ``num_return_sequences`` n (<= num_beams): each row's n best hypotheses instead, best first, as rows r*n ..
+    r*n+n-1 (a row with fewer than n distinct ones repeats its last)."""
     k, penalty = settings.num_beams, settings.length_penalty
+    if not 1 <= num_return_sequences <= k:
+        raise ValueError(f"num_return_sequences must be in [1, num_beams={k}], got {num_return_sequences}")
     attention_mask = batch["attention_mask"]
     b = attention_mask.shape[0]
     out, logits, next_pos = prompt_pass(model, batch)
@@ -206,9 +210,10 @@ def beam_search(model, batch: dict, settings: GenerationSettings, *, eos_token_i
         if not done[row]:  # cut at max_new_tokens: its live beams compete too
             pool += [_Hypothesis(_normalised(s, len(beams[row * k + j]), penalty), beams[row * k + j], s, False)
                      for j, s in enumerate(scores[row].tolist()) if s > float("-inf")]
-        best.append(max(pool, key=lambda h: h.score))
+        ranked = sorted(pool, key=lambda h: -h.score)[:num_return_sequences]  # stable: ties keep pool order
+        best += ranked + ranked[-1:] * (num_return_sequences - len(ranked))
     width = max(len(h.tokens) for h in best)
-    tokens = torch.full((b, width), pad_token_id, dtype=torch.long, device=logp.device)
+    tokens = torch.full((len(best), width), pad_token_id, dtype=torch.long, device=logp.device)
     for row, h in enumerate(best):
         tokens[row, :len(h.tokens)] = torch.tensor(h.tokens, dtype=torch.long)
     return Generated(tokens=tokens, lengths=torch.tensor([len(h.tokens) for h in best], device=logp.device),

@@ -26,7 +26,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 from tqdm import tqdm
@@ -36,7 +36,7 @@ from src.data.errors import BadSampleError
 from src.data.manifest import PreferenceRow, append_rows
 from src.judge.metric import EventCounts
 from src.losses.logprobs import response_positions, scatter_response_logps
-from src.models.generate import GenerationSettings, generate
+from src.models.generate import GenerationSettings, beam_search, generate
 from src.rollout.files import append_progress, prepare
 from src.rollout.pairs import TIE, TOO_FEW, UNDER_MARGIN, Candidate, PairChoice, choose_pair, response_ids, sample_seed
 from src.rollout.unshard import unsharded
@@ -63,7 +63,10 @@ class RolloutSettings:
     """k samples per video (METHOD: official K 2, ours 4), drawn with temperature and top_p (official 1.0, 0.9).
     batch_size: sequences per generate call (batch_size // k videos, at least one). forward_batch_size: sequences
     per teacher-forced forward when a reference log-prob must be recomputed (bounds its activations).
-    min_margin: smallest EER difference (chosen vs rejected) kept; ties are always dropped."""
+    min_margin: smallest EER difference (chosen vs rejected) kept; ties are always dropped.
+    candidates: "sample" (the paper's: k captions sampled with temperature and top_p) or "beam" (the k best
+    hypotheses of one beam search with k beams, length penalty 1.0: pairs among the captions a beam-search
+    evaluation chooses from; temperature, top_p and seed are then unused)."""
 
     k: int = 4
     temperature: float = 1.0
@@ -73,8 +76,11 @@ class RolloutSettings:
     forward_batch_size: int = 4
     min_margin: float = 0.0
     seed: int = 0
+    candidates: Literal["sample", "beam"] = "sample"
 
     def __post_init__(self):
+        if self.candidates not in ("sample", "beam"):
+            raise ValueError(f"candidates must be 'sample' or 'beam', got {self.candidates!r}")
         if self.k < 2:
             raise ValueError(f"k must be at least 2 to make a pair, got {self.k}")
         if self.batch_size < 1 or self.forward_batch_size < 1 or self.max_new_tokens < 1:
@@ -85,6 +91,8 @@ class RolloutSettings:
         return max(1, self.batch_size // self.k)
 
     def generation(self) -> GenerationSettings:
+        if self.candidates == "beam":
+            return GenerationSettings(max_new_tokens=self.max_new_tokens, num_beams=self.k)
         return GenerationSettings(max_new_tokens=self.max_new_tokens, do_sample=True, temperature=self.temperature,
                                   top_p=self.top_p)
 
@@ -196,15 +204,22 @@ def _decode(processor, group: Sequence) -> list[_Video]:
 
 
 def _sample(model, processor, videos: list[_Video], settings: RolloutSettings, device) -> None:
-    """K samples of every readable video, ``batch_size`` sequences per generate call, each with its own generator."""
-    jobs = [(video, k) for video in videos if video.error is None for k in range(settings.k)]
-    for chunk in batches(jobs, settings.batch_size):
+    """K candidates of every readable video, ``batch_size`` sequences per generate call: K samples, each with its
+    own generator, or the K best hypotheses of a K-beam search of the video."""
+    beam = settings.candidates == "beam"
+    jobs = [(video, k) for video in videos if video.error is None for k in range(1 if beam else settings.k)]
+    for chunk in batches(jobs, max(1, settings.batch_size // settings.k) if beam else settings.batch_size):
         batch = processor.collate([video.sample for video, _ in chunk], padding_side="left")
         batch = {key: v.to(device) if isinstance(v, torch.Tensor) else v for key, v in batch.items()}
-        generators = [torch.Generator(device=device).manual_seed(sample_seed(settings.seed, video.row.id, k))
-                      for video, k in chunk]
-        out = generate(model, batch, settings.generation(), eos_token_id=processor.eos_token_id,
-                       pad_token_id=processor.pad_token_id, generator=generators)
+        if beam:
+            out = beam_search(model, batch, settings.generation(), eos_token_id=processor.eos_token_id,
+                              pad_token_id=processor.pad_token_id, num_return_sequences=settings.k)
+            chunk = [(video, k) for video, _ in chunk for k in range(settings.k)]
+        else:
+            generators = [torch.Generator(device=device).manual_seed(sample_seed(settings.seed, video.row.id, k))
+                          for video, k in chunk]
+            out = generate(model, batch, settings.generation(), eos_token_id=processor.eos_token_id,
+                           pad_token_id=processor.pad_token_id, generator=generators)
         for i, (video, k) in enumerate(chunk):
             ids = out.tokens[i, :out.lengths[i]].tolist()
             finished = bool(out.finished[i])
