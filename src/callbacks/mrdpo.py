@@ -130,8 +130,7 @@ def rounds_table(rows: list[dict], change: dict | None = None) -> str:
 def eer_change(rows: list[dict]) -> dict | None:
     """``metric.paired_eer_bootstrap`` of the last row's evaluation against the first's, from the per-clip samples
     beside their eval.json; None when either has none or they judged different clips."""
-    from src.judge.metric import paired_eer_bootstrap
-    from src.judge.report import load_clip_counts
+    from src.judge.report import load_clip_counts, paired_change
 
     if len(rows) < 2 or not rows[0].get("eval") or not rows[-1].get("eval"):
         return None
@@ -139,10 +138,7 @@ def eer_change(rows: list[dict]) -> dict | None:
         first, last = (load_clip_counts(Path(row["eval"]).parent) for row in (rows[0], rows[-1]))
     except ValueError:
         return None
-    if sorted(first) != sorted(last):
-        return None
-    ids = sorted(first)
-    return paired_eer_bootstrap([first[i] for i in ids], [last[i] for i in ids])
+    return paired_change(first, last)
 
 
 class MultiRoundDPO(pl.Callback):

@@ -120,23 +120,30 @@ def load_clip_counts(directory: str | Path) -> dict[str, EventCounts]:
     return out
 
 
+def paired_change(base: dict[str, EventCounts], other: dict[str, EventCounts], **bootstrap) -> dict | None:
+    """``metric.paired_eer_bootstrap`` of two evaluations' per-clip counts (``load_clip_counts``), clips matched by
+    id; None when they did not judge the same clips."""
+    ids = sorted(base)
+    if sorted(other) != ids:
+        return None
+    return paired_eer_bootstrap([base[i] for i in ids], [other[i] for i in ids], **bootstrap)
+
+
 def eer_change_table(runs: Sequence[tuple[str, dict[str, EventCounts]]], *, resamples: int = 2000,
                      level: float = 0.95, seed: int = 0) -> str:
     """A markdown table: each run's EER change against the first run, with a paired bootstrap interval over the
     clips (``metric.paired_eer_bootstrap``). Runs must hold the same clips; a run that does not is named as such."""
     (base_label, base), rest = runs[0], runs[1:]
-    ids = sorted(base)
     pct = int(round(100 * level))
-    lines = [f"EER change against {base_label}: paired bootstrap over the {len(ids)} clips ({resamples} draws; "
+    lines = [f"EER change against {base_label}: paired bootstrap over the {len(base)} clips ({resamples} draws; "
              "the interval covers clip sampling only, not a training run's own randomness)", "",
              f"| run | EER | change | {pct}% interval | relative | {pct}% interval | P(not lower) |",
              "|---|---|---|---|---|---|---|"]
     for label, counts in rest:
-        if sorted(counts) != ids:
+        b = paired_change(base, counts, resamples=resamples, level=level, seed=seed)
+        if b is None:
             lines.append(f"| {label} | - | not the same clips as {base_label} | | | | |")
             continue
-        b = paired_eer_bootstrap([base[i] for i in ids], [counts[i] for i in ids], resamples=resamples, level=level,
-                                 seed=seed)
         lines.append(f"| {label} | {percent(b['eer'])} | {100 * b['delta']:+.1f} pt | [{100 * b['low']:+.1f}, "
                      f"{100 * b['high']:+.1f}] | {100 * b['relative']:+.1f}% | [{100 * b['relative_low']:+.1f}%, "
                      f"{100 * b['relative_high']:+.1f}%] | {b['p_worse']:.3f} |")

@@ -108,12 +108,12 @@ def build_trainable_model(base: str, trainable: tuple[str, ...], lora: LoraSetti
     return model, processor
 
 
-def compile_layers(layers) -> bool:
+def compile_layers(layers) -> None:
     """Regional compilation: torch.compile each module's forward, with dynamic shapes (a new length does not
     recompile). Modules of one class share the compiled code: their parameters are the graph's inputs. A layer
     that reads its own index (a KV cache's ``update(..., layer_idx)``) is compiled once per index; without a
     cache, one graph serves every decoder layer. Inductor builds its kernels with a C++ compiler: without one
-    the layers stay eager, with a warning (the same function, slower). Returns whether they were compiled."""
+    the layers stay eager, with a warning (the same function, slower)."""
     try:
         from torch._inductor.cpp_builder import get_cpp_compiler
 
@@ -121,10 +121,9 @@ def compile_layers(layers) -> bool:
     except Exception as err:  # inductor raises its own InvalidCxxCompiler; an import problem means the same here
         warnings.warn(f"torch.compile needs a C++ compiler and found none ({type(err).__name__}): the decoder "
                       "layers run eagerly (the same function, slower); install g++ or set compile_decoder false")
-        return False
+        return
     for layer in layers:
         layer.compile(dynamic=True)
-    return True
 
 
 def shard_under_model_parallel(module: pl.LightningModule, model) -> None:

@@ -208,7 +208,7 @@ def _sample(model, processor, videos: list[_Video], settings: RolloutSettings, d
     own generator, or the K best hypotheses of a K-beam search of the video."""
     beam = settings.candidates == "beam"
     jobs = [(video, k) for video in videos if video.error is None for k in range(1 if beam else settings.k)]
-    for chunk in batches(jobs, max(1, settings.batch_size // settings.k) if beam else settings.batch_size):
+    for chunk in batches(jobs, settings.rows_per_group if beam else settings.batch_size):
         batch = processor.collate([video.sample for video, _ in chunk], padding_side="left")
         batch = {key: v.to(device) if isinstance(v, torch.Tensor) else v for key, v in batch.items()}
         if beam:
