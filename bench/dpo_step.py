@@ -27,6 +27,10 @@ beta 0.1 and lambda 0.1 on the SAME LLM (same config, same weights) and the same
   responses, src.models.packing.PrefixBatch), the LM head on response tokens only. Measured twice: ``fast``
   with the reference pass every step (the fair comparison with plain and TRL) and ``fast_rollout_ref`` with
   reference log-probs supplied by the rows, as the MrDPO rollout provides them (no reference pass at all).
+  ``fast_rollout_media``: fast_rollout_ref with DPOModule's media cache (cache_video_tokens / cache_audio_states
+  for the encoders --trainable leaves frozen): the rollout's pass, which computes the reference log-probs, also
+  stores the frozen vision path's tokens and Whisper's states of each clip, as MrDPO's rollout does for the round's
+  videos, so the timed steps run no encoder (their outputs are copied in from CPU memory).
 - trl_precomputed_ref: TRL as above with ``precompute_ref_log_probs=True``: its reference log-probs computed in
   one pass over the data set when the trainer is built, before the timed steps, so its steps run no reference
   pass either: the same-settings counterpart of fast_rollout_ref (ratio ``fast_rollout_ref/trl_precomputed_ref``).
@@ -95,7 +99,8 @@ from torch.profiler import record_function  # noqa: E402
 
 from bench.model_forward import busy_cpu_seconds  # noqa: E402  (one /proc/stat reader for the benches)
 
-PATHS = ("plain", "trl", "fast", "fast_rollout_ref", "trl_precomputed_ref")
+PATHS = ("plain", "trl", "fast", "fast_rollout_ref", "fast_rollout_media", "trl_precomputed_ref")
+ROLLOUT_PATHS = ("fast_rollout_ref", "fast_rollout_media")  # the reference log-probs from a rollout pass
 BETA, GT_WEIGHT, MAX_GRAD_NORM, LR = 0.1, 0.1, 1.0, 5e-6
 LORA_R, LORA_ALPHA, LORA_TARGETS = 128, 256, ("q_proj", "k_proj", "v_proj")
 FPS = 2.0  # frames per second of the synthetic clip: one temporal grid (2 frames) per second
@@ -447,7 +452,13 @@ def to_device(batch: dict[str, Any], device: str) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def build_module(settings: Settings, workdir: Path, packed: bool):
+def frozen_media_parts(settings: Settings) -> dict[str, bool]:
+    """DPOModule's media-cache settings for the parts whose encoders do not train under --trainable."""
+    parts = set(settings.parts)
+    return {"cache_video_tokens": not parts & {"merger", "vision"}, "cache_audio_states": "whisper" not in parts}
+
+
+def build_module(settings: Settings, workdir: Path, packed: bool, media_cache: bool = False):
     """DPOModule on the base, configured as Lightning would (configure_model), moved to the device; no Trainer:
     the benchmark calls preference_forward + loss_and_stats itself."""
     from src.lit.dpo import DPOModule
@@ -461,6 +472,8 @@ def build_module(settings: Settings, workdir: Path, packed: bool):
         options["llm_attention"] = settings.llm_attention
     if settings.compile_decoder:
         options["compile_decoder"] = True
+    if media_cache:
+        options.update(frozen_media_parts(settings))
     torch.manual_seed(settings.seed)
     module = DPOModule(str(workdir / "base"), beta=BETA, gt_weight=GT_WEIGHT, trainable=settings.parts,
                        lora=LoraSettings(r=LORA_R, alpha=LORA_ALPHA, dropout=0.0, targets=LORA_TARGETS), lr=LR,
@@ -479,9 +492,12 @@ def run_ours(path: str, settings: Settings, workdir: Path, cap_memory: bool = Fa
     packed = path.startswith("fast")
     if packed and not supports_packed():
         return {"skipped": "DPOModule has no `packed` setting yet (the prefix-shared path is not in src/lit/dpo.py)"}
-    module = build_module(settings, workdir, packed)
+    module = build_module(settings, workdir, packed, media_cache=path == "fast_rollout_media")
     batch = to_device(torch.load(workdir / "batch.pt", weights_only=False), settings.device)
-    if path == "fast_rollout_ref":  # the rollout's values: the round-start model's log-probs, computed once here
+    if path == "fast_rollout_media":  # the rollout's media keys: its pass below stores the frozen encoders' outputs
+        keys = [f"bench-clip-{i}" for i in range(settings.pairs)]
+        batch["video_keys"], batch["audio_keys"] = keys, keys
+    if path in ROLLOUT_PATHS:  # the rollout's values: the round-start model's log-probs, computed once here
         with torch.no_grad():
             out = module.preference_forward(batch)
         batch["ref_chosen_logps"], batch["ref_rejected_logps"] = out["ref_chosen"].float(), out["ref_rejected"].float()
@@ -523,6 +539,8 @@ def run_ours(path: str, settings: Settings, workdir: Path, cap_memory: bool = Fa
         times.append(time.perf_counter() - start)
         # progress on stderr: the parent reports it when the path runs past --timeout (a first step that compiles)
         print(f"{path}: step {i + 1}/{total} {times[-1]:.3f} s", file=sys.stderr, flush=True)
+    if module.media_cache is not None:
+        info["media_cache"] = module.media_cache.stats()
     result = {**timed_summary(times, settings), **memory.stop(), "loss_first_step": round(losses[0], 6), **info}
     if settings.profile:
         profile_step(step, path, settings)
@@ -764,11 +782,15 @@ def ratio(a: dict[str, Any], b: dict[str, Any], key: str) -> float | None:
 
 def ratios(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float | None]]:
     out = {}
-    for fast in ("fast", "fast_rollout_ref"):
+    for fast in ("fast", *ROLLOUT_PATHS):
         for other in ("plain", "trl", "trl_precomputed_ref"):
             if fast in results and other in results:
                 keys = ["pairs_per_s", "peak_mem_mb"] + [k for k in ("peak_rss_glibc_mb",) if k in results[fast]]
                 out[f"{fast}/{other}"] = {key: ratio(results[fast], results[other], key) for key in keys}
+    if set(ROLLOUT_PATHS) <= set(results):  # what the rollout's encoder outputs save the step
+        out["fast_rollout_media/fast_rollout_ref"] = {key: ratio(results["fast_rollout_media"],
+                                                                 results["fast_rollout_ref"], key)
+                                                      for key in ("pairs_per_s", "peak_mem_mb")}
     return out
 
 

@@ -311,3 +311,41 @@ def test_start_round_keeps_the_function_resets_lora_state_and_restarts_the_sched
     assert fresh.round == 1 and fresh.schedule_start == 3
     assert fresh.reference_snapshot.values.keys() == module.reference_snapshot.values.keys()
     assert all(torch.equal(v, module.reference_snapshot.values[k]) for k, v in fresh.reference_snapshot.values.items())
+
+
+@pytest.mark.parametrize("trainable, stage", [(("lora", "aligner"), "tokens"),
+                                               (("lora", "aligner", "merger"), "tower")])
+def test_media_cache_filled_by_a_first_pass_serves_the_steps(tiny_base, synthav, tmp_path, trainable, stage):
+    """cache_video_tokens / cache_audio_states: a first no-grad pass over the pairs' clips (as the MrDPO rollout's
+    prompt pass is) stores the frozen encoders' outputs under the rows' media keys; the training steps after it
+    then run neither the vision tower nor Whisper, their batches carry no pixels or log-mel, and their losses and
+    trained weights equal those of a module without the cache."""
+    manifest = write_pairs(synthav, tmp_path / "p.jsonl")
+    results = []
+    for cached in (False, True):
+        torch.manual_seed(0)
+        module = module_for(tiny_base, trainable, cache_video_tokens=cached, cache_audio_states=cached, lr=1e-3)
+        if cached:
+            module.media_cache.serve(module.processor)
+        with torch.no_grad():  # the rollout's pass
+            module.preference_forward(preference_batch(module, manifest)[0])
+        optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-3)
+        count = counters(module.model)
+        losses = []
+        for _ in range(2):
+            batch, _ = preference_batch(module, manifest)
+            loss, _ = module.loss_and_stats(module.preference_forward(batch))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        weights = torch.cat([p.detach().flatten() for p in module.parameters() if p.requires_grad])
+        results.append((losses, weights, {k: c.calls for k, c in count.items()}, batch, module))
+    (plain, w_plain, calls_plain, _, _), (cached, w_cached, calls_cached, batch, module) = results
+    assert plain == pytest.approx(cached, abs=1e-6)
+    torch.testing.assert_close(w_plain, w_cached, atol=1e-6, rtol=0)
+    assert calls_plain["vision"] == calls_plain["whisper"] == 2 * 2  # policy + reference pass per step
+    assert calls_cached["vision"] == calls_cached["whisper"] == 0
+    assert "pixel_values_videos" not in batch and "input_features" not in batch and len(set(batch["video_keys"])) == 4
+    cache = module.media_cache
+    assert cache.video_stage(module.model) == stage and cache.misses == {"video": 4, "audio": 4}

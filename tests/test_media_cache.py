@@ -144,8 +144,8 @@ def test_a_trainable_encoder_is_refused(tiny_base, rows):
     with pytest.raises(ValueError, match="frozen Whisper encoder"):
         model.embed(batch["input_ids"], None, None, batch["input_features"], batch["audio_chunks"],
                     batch["audio_windows"], audio_keys=batch["audio_keys"])
-    module = SFTModule(base=str(tiny_base), stage="sft", trainable=["llm", "merger"], cache_video_tokens=True)
-    with pytest.raises(ValueError, match="frozen vision path"):
+    module = SFTModule(base=str(tiny_base), stage="sft", trainable=["llm", "vision"], cache_video_tokens=True)
+    with pytest.raises(ValueError, match="frozen vision tower"):
         module.configure_model()
     module = SFTModule(base=str(tiny_base), stage="sft", trainable=["llm", "whisper"], cache_audio_states=True)
     with pytest.raises(ValueError, match="frozen Whisper encoder"):
@@ -181,6 +181,53 @@ def test_sft_steps_with_the_cache_equal_steps_without(tiny_base, rows):
     assert "pixel_values_videos" in batches[0] and "pixel_values_videos" not in batches[1]
 
 
+def test_tower_states_merged_are_the_video_tokens(frozen, rows):
+    """tower_states puts each token's patch group side by side in token order (the tower's window order undone),
+    so that the merger on them gives video_embeddings' tokens, for several videos at once."""
+    model, proc = frozen
+    batch = proc.collate([proc(r) for r in rows])
+    with torch.no_grad():
+        want = model.video_embeddings(batch["pixel_values_videos"], batch["video_grid_thw"])
+        states = model.tower_states(batch["pixel_values_videos"], batch["video_grid_thw"])
+        got = model.merge_tower_states(states)
+    unit = model.visual.config.spatial_merge_size ** 2
+    assert states.shape == (want.shape[0], unit * model.visual.config.hidden_size)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    assert isinstance(model.visual.merger, type(model.qwen.model.visual.merger)) and \
+        type(model.visual.merger).__name__ != "MergeGroups"
+
+
+def test_with_a_training_merger_the_cache_holds_tower_states(tiny_base, rows):
+    """The paper's SFT / DPO train the merger: the video part then stores the frozen tower's output and the merger
+    runs on it every step. Two steps with the cache (the second from it) equal two without: losses, and the
+    merger's weights after the steps (its gradient flows through the cached states' merge)."""
+    results = []
+    for cached in (False, True):
+        torch.manual_seed(0)
+        module = SFTModule(base=str(tiny_base), stage="sft", trainable=["llm", "merger"], lr=1e-3,
+                           cache_video_tokens=cached)
+        module.configure_model()
+        if cached:
+            module.processor.use_media_cache(module.media_cache)
+        opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-3)
+        losses = []
+        for _ in range(2):
+            loss = module(module.processor.collate([module.processor(r) for r in rows])).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        merger = torch.cat([p.detach().flatten() for p in module.model.visual.merger.parameters()])
+        results.append((losses, merger, module))
+    (plain, m_plain, _), (cached, m_cached, module) = results
+    assert plain == pytest.approx(cached, abs=1e-6)
+    torch.testing.assert_close(m_plain, m_cached, atol=1e-6, rtol=0)
+    cache = module.media_cache
+    assert cache.video_stage(module.model) == "tower" and cache.misses["video"] == 3 and cache.hits["video"] == 3
+    width = module.model.visual.config.hidden_size * module.model.visual.config.spatial_merge_size ** 2
+    assert all(t.shape[1] == width for t in cache.stores["video"].values())
+
+
 def test_worker_copies_of_the_processor_key_rows_but_hold_no_cache(frozen, rows):
     """A DataLoader worker gets a pickled processor: it must not carry a copy of the cache (stale from then on, and
     the size of every stored output), but still key its rows so that the model's side of the cache works."""
@@ -194,3 +241,25 @@ def test_worker_copies_of_the_processor_key_rows_but_hold_no_cache(frozen, rows)
     assert worker.media_cache is None and worker.media_keys and worker._layouts == {}
     sample = worker(rows[0])
     assert sample["media_key"] == proc(rows[0])["media_key"] and sample["pixel_values_videos"] is not None
+
+
+def test_the_bound_keeps_the_first_outputs_and_stores_no_more(frozen, rows):
+    """max_gb: outputs are stored while they fit and refused after (nothing evicted); the refused ones are
+    computed again the next time, the stored ones are hits; outputs are the same either way."""
+    model, proc = frozen
+    proc.media_keys = True
+    batch = proc.collate([proc(r) for r in rows])
+    unbounded = FrozenMediaCache(["audio"])
+    model.media_cache = unbounded
+    want = embed(model, batch)
+    sizes = [t.numel() * t.element_size() for t in unbounded.stores["audio"].values()]
+    bounded = FrozenMediaCache(["audio"], max_gb=(sizes[0] + sizes[1] - 1) / 2**30)  # room for one of them
+    model.media_cache = bounded
+    for _ in range(2):
+        torch.testing.assert_close(embed(model, batch), want, atol=1e-6, rtol=0)
+    stats = bounded.stats()
+    assert stats["entries"] == {"audio": 1} and stats["refused"] == 2 + 2
+    assert bounded.hits["audio"] == 1 and bounded.misses["audio"] == 3 + 2
+    assert bounded.bytes == sizes[0] == unbounded.bytes - sum(sizes[1:])
+    with pytest.raises(ValueError, match="max_gb"):
+        FrozenMediaCache(["audio"], max_gb=0)

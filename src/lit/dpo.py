@@ -64,6 +64,7 @@ from src.lit.sft import (OptimSettings, adamw, build_trainable_model, clip_gradi
 from src.losses.dpo import BETA, GT_WEIGHT, PREFERENCE_LOSSES, gdpo_loss, preference_stats
 from src.losses.logprobs import response_ce, sequence_logps
 from src.models.lora import LoraSettings, clear_optimizer_state_, fold_lora_, lora_parameters, reset_lora_
+from src.models.media_cache import MEDIA_OUTPUTS, media_cache_for
 from src.models.packing import (PackedPairs, PrefixBatch, PrefixCache, cache_through_checkpointing, pack_preference,
                                  prefix_batch)
 from src.models.reference import ReferenceSnapshot, reference_mode
@@ -72,7 +73,8 @@ from src.models.split_attention import NAME as SPLIT_SDPA
 LossType = Literal["sigmoid", "ipo"]
 PrefixSharing = Literal["cache", "mask", "split"]
 DPO_TRAINABLE = ("lora", "aligner", "merger")  # the paper's DPO stage: a fresh LoRA + aligner + visual merger
-MEDIA_INPUTS = ("pixel_values_videos", "video_grid_thw", "input_features", "audio_chunks", "audio_windows")
+MEDIA_INPUTS = ("pixel_values_videos", "video_grid_thw", "input_features", "audio_chunks", "audio_windows",
+                *MEDIA_OUTPUTS)
 CHECKPOINT_KEY = "dpo"
 
 
@@ -127,6 +129,14 @@ class DPOModule(pl.LightningModule):
             "split" or "mask", or the plain path (the cache form's KV cache would specialise a graph per layer).
             Meant for a GPU (unmeasured there yet); costs a compile at the first steps. On a 2-core CPU the tiny
             MrDPO step (fp32, LoRA, 8 pairs) went from 326 to 312 ms after a ~50 s compile: not worth it there.
+        cache_video_tokens / cache_audio_states: keep the frozen vision path's tokens / Whisper's states of every
+            clip met (src.models.media_cache, as SFTModule does), so a clip's encoders run once per process: the
+            MrDPO rollout's prompt pass computes them for each training video with the round-start model, which
+            has the same frozen encoders, and every DPO step and later round on those videos reads them. Needs
+            the cached encoder frozen (the video part: no "merger" in ``trainable``); memory: their outputs on
+            CPU (a 7B's 4k media tokens: about 40 MB per clip in bf16 when the merger trains), bounded by
+            ``media_cache_gb`` (None: unbounded; past it, clips are no longer stored). Under FSDP2 those encoders are
+            not sharded per layer (src.lit.sft.shard_under_model_parallel).
     """
 
     def __init__(self, base: str, beta: float = BETA, gt_weight: float = GT_WEIGHT, loss_type: LossType = "sigmoid",
@@ -134,7 +144,9 @@ class DPOModule(pl.LightningModule):
                  optim: OptimSettings = OptimSettings(), schedule_steps: int | None = None,
                  activation_checkpointing: bool = False, packed: bool = True, pack_tokens: int | None = None,
                  llm_attention: Literal["sdpa", "eager", "flex_attention"] | None = None,
-                 prefix_sharing: PrefixSharing = "split", compile_decoder: bool = False):
+                 prefix_sharing: PrefixSharing = "split", compile_decoder: bool = False,
+                 cache_video_tokens: bool = False, cache_audio_states: bool = False,
+                 media_cache_gb: float | None = None):
         super().__init__()
         if loss_type not in PREFERENCE_LOSSES:
             raise ValueError(f"loss_type must be one of {tuple(PREFERENCE_LOSSES)}, got {loss_type!r}")
@@ -163,6 +175,7 @@ class DPOModule(pl.LightningModule):
         self.schedule_steps, self.activation_checkpointing = schedule_steps, activation_checkpointing
         self.packed, self.pack_tokens, self.llm_attention = packed, pack_tokens, llm_attention
         self.prefix_sharing, self.compile_decoder = prefix_sharing, compile_decoder
+        self.media_cache = media_cache_for(cache_video_tokens, cache_audio_states, media_cache_gb)
         self.model = None
         self.processor = None
         self.round = 0
@@ -182,9 +195,16 @@ class DPOModule(pl.LightningModule):
         elif self.llm_attention is not None:
             self.model.llm.config._attn_implementation = self.llm_attention
         self.reference_snapshot = ReferenceSnapshot.take(self.model)
-        shard_under_model_parallel(self, self.model)
+        if self.media_cache is not None:
+            self.media_cache.attach(self.model)
+        shard_under_model_parallel(self, self.model, self.media_cache)
         if self.compile_decoder:
             compile_layers(self.model.llm.layers)
+
+    def on_fit_start(self) -> None:
+        """The DataModule's processor serves clips the media cache holds from it (src.models.media_cache)."""
+        if self.media_cache is not None:
+            self.media_cache.serve(getattr(self.trainer.datamodule, "processor", None))
 
     def start_round(self, index: int, generator: torch.Generator) -> None:
         """A round boundary, as this module sees it; call on every rank (collectives under FSDP2). Folds the LoRA

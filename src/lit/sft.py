@@ -12,9 +12,11 @@ no (b, s, v) logits exist in a step (the model's ``return_logits=False``). AdamW
 over the run's optimizer steps. Logs train/loss, train/lr, train/tokens_per_s, train/grad_norm, val/loss.
 ``cache_video_tokens`` / ``cache_audio_states``: with a frozen vision path / Whisper encoder, each clip's video
 tokens / Whisper states are computed once and reused, and a clip whose every part is stored is no longer decoded or
-featurised (src.models.media_cache). ``attn_implementation``: the decoder's attention kernel ("sdpa", "eager", ...; None
-keeps SDPA, which the base loads with). ``compile_decoder``: torch.compile each decoder layer (``compile_layers``: one
-graph for all, dynamic lengths; the tiny recipe's step 1.6x on a 2-core CPU after a ~30-55 s first compile).
+featurised (src.models.media_cache); with the merger trainable the video part keeps the frozen tower's output and
+the merger runs on it. ``media_cache_gb`` bounds what the cache keeps. ``attn_implementation``: the decoder's
+attention kernel ("sdpa", "eager", ...; None keeps SDPA, which the base loads with). ``compile_decoder``:
+torch.compile each decoder layer (``compile_layers``: one graph for all, dynamic lengths; the tiny recipe's step
+1.6x on a 2-core CPU after a ~30-55 s first compile).
 ``optim.fused``: torch's fused AdamW, clipped under bf16-mixed where Lightning's plugin refuses (``clip_gradients``).
 """
 
@@ -33,7 +35,7 @@ from lightning.pytorch.utilities import GradClipAlgorithmType
 
 from src.models.build import load_base
 from src.models.lora import LoraSettings, attach_lora
-from src.models.media_cache import FrozenMediaCache
+from src.models.media_cache import MEDIA_OUTPUTS, FrozenMediaCache, media_cache_for
 
 Stage = Literal["align", "sft", "rebirth"]
 TRAINABLE_PARTS = ("lora", "aligner", "merger", "llm", "vision", "whisper")
@@ -43,8 +45,7 @@ STAGE_TRAINABLE: dict[str, tuple[str, ...]] = {
     "rebirth": ("lora", "aligner", "merger"),
 }
 MODEL_INPUTS = ("input_ids", "labels", "attention_mask", "position_ids", "pixel_values_videos", "video_grid_thw",
-                "input_features", "audio_chunks", "audio_windows", "video_keys", "video_tokens", "audio_keys",
-                "audio_states")
+                "input_features", "audio_chunks", "audio_windows", *MEDIA_OUTPUTS)
 
 
 @dataclass
@@ -126,15 +127,20 @@ def compile_layers(layers) -> None:
         layer.compile(dynamic=True)
 
 
-def shard_under_model_parallel(module: pl.LightningModule, model) -> None:
+def shard_under_model_parallel(module: pl.LightningModule, model, media_cache: FrozenMediaCache | None = None
+                               ) -> None:
     """Under ModelParallelStrategy (``module.device_mesh`` set), shard ``model`` with FSDP2 (bf16 compute when the
-    trainer's precision is bf16); otherwise nothing."""
+    trainer's precision is bf16); otherwise nothing. The encoders of parts ``media_cache`` holds stay out of their
+    own FSDP2 units (their parameters go with the root's, which every rank gathers in every forward): one rank may
+    find a clip's features in its cache while another computes them, and per-layer units there would wait forever
+    for the all-gathers of the rank that skipped the encoder."""
     if getattr(module, "device_mesh", None) is None:
         return
     from src.models.sharding import shard_model
 
     bf16 = str(module.trainer.precision).startswith("bf16")
-    shard_model(model, module.device_mesh, param_dtype=torch.bfloat16 if bf16 else None)
+    cached = [part for part in ("video", "audio") if media_cache is not None and media_cache.caches(part)]
+    shard_model(model, module.device_mesh, param_dtype=torch.bfloat16 if bf16 else None, whole=cached)
 
 
 def adamw(params: list[torch.nn.Parameter], lr: float, optim: OptimSettings) -> torch.optim.AdamW:
@@ -168,8 +174,8 @@ class SFTModule(pl.LightningModule):
     def __init__(self, base: str, stage: Stage = "sft", trainable: list[str] | None = None,
                  lora: LoraSettings = LoraSettings(), lr: float = 2e-5, optim: OptimSettings = OptimSettings(),
                  activation_checkpointing: bool = False, cache_video_tokens: bool = False,
-                 cache_audio_states: bool = False, attn_implementation: str | None = None,
-                 compile_decoder: bool = False):
+                 cache_audio_states: bool = False, media_cache_gb: float | None = None,
+                 attn_implementation: str | None = None, compile_decoder: bool = False):
         super().__init__()
         if stage not in STAGE_TRAINABLE:
             raise ValueError(f"stage must be one of {tuple(STAGE_TRAINABLE)}, got {stage!r}")
@@ -179,8 +185,7 @@ class SFTModule(pl.LightningModule):
         self.optim = optim if isinstance(optim, OptimSettings) else OptimSettings(**optim)
         self.trainable = tuple(trainable) if trainable is not None else STAGE_TRAINABLE[stage]
         self.activation_checkpointing = activation_checkpointing
-        parts = [part for part, on in (("video", cache_video_tokens), ("audio", cache_audio_states)) if on]
-        self.media_cache = FrozenMediaCache(parts) if parts else None
+        self.media_cache = media_cache_for(cache_video_tokens, cache_audio_states, media_cache_gb)
         self.attn_implementation = attn_implementation
         self.compile_decoder = compile_decoder
         self.model = None
@@ -198,17 +203,15 @@ class SFTModule(pl.LightningModule):
             self.model.llm.set_attn_implementation(self.attn_implementation)
         if self.compile_decoder:
             compile_layers(self.model.llm.layers)
-        shard_under_model_parallel(self, self.model)
         if self.media_cache is not None:
-            self.media_cache.check_frozen(self.model)
-            self.model.media_cache = self.media_cache
+            self.media_cache.attach(self.model)
+        shard_under_model_parallel(self, self.model, self.media_cache)
 
     def on_fit_start(self) -> None:
         """The DataModule's processor serves clips the media cache holds from it (in this process: workers' copies
         of the processor only key their rows)."""
-        processor = getattr(self.trainer.datamodule, "processor", None)
-        if self.media_cache is not None and hasattr(processor, "use_media_cache"):
-            processor.use_media_cache(self.media_cache)
+        if self.media_cache is not None:
+            self.media_cache.serve(getattr(self.trainer.datamodule, "processor", None))
 
     def forward(self, batch: dict[str, Any]):
         return self.model(**model_inputs(batch), return_logits=False)

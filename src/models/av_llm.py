@@ -136,6 +136,24 @@ class AVLLM(PreTrainedModel):
         out = self.visual(pixel_values_videos.to(self.visual.dtype), grid_thw=video_grid_thw)
         return out.pooler_output
 
+    def tower_states(self, pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor) -> torch.Tensor:
+        """(patches, c*tp*p*p) -> (tokens, merge^2 * width): the vision tower's output before the merger, each
+        visual token's group of patch states side by side, in token order: ``merge_tower_states`` of it is
+        ``video_embeddings``. The tower runs through its own forward with the merger swapped for ``MergeGroups``
+        (which only groups), so the window ordering the tower uses internally is undone as it undoes it."""
+        merger = self.visual.merger
+        self.visual.merger = MergeGroups(self.visual.config.spatial_merge_size ** 2)
+        try:
+            return self.visual(pixel_values_videos.to(self.visual.dtype), grid_thw=video_grid_thw).pooler_output
+        finally:
+            self.visual.merger = merger
+
+    def merge_tower_states(self, states: torch.Tensor) -> torch.Tensor:
+        """(tokens, merge^2 * width) tower states -> (tokens, d) merged visual tokens."""
+        width = self.visual.config.hidden_size
+        param = next(self.visual.merger.parameters())
+        return self.visual.merger(states.to(param.device, param.dtype).reshape(-1, width))
+
     def audio_embeddings(self, input_features: torch.Tensor | None, audio_chunks: list[int],
                          audio_windows: list[int], audio_states: list[torch.Tensor | None] | None = None,
                          audio_keys: list[str | None] | None = None) -> torch.Tensor:
@@ -179,12 +197,24 @@ class AVLLM(PreTrainedModel):
         missing = [i for i in range(len(sizes)) if video_tokens is None or video_tokens[i] is None]
         pixels = dict(zip(missing, torch.split(pixel_values_videos, [sizes[i] for i in missing]))) if missing else {}
         merge = self.visual.config.spatial_merge_size
+        cache = self.media_cache
+        tower = cache is not None and cache.caches("video") and cache.video_stage(self) == "tower"
 
         def encode(todo: list[int]) -> list[torch.Tensor]:
-            out = self.video_embeddings(torch.cat([pixels[i] for i in todo]), grids[todo])
+            inputs = torch.cat([pixels[i] for i in todo]), grids[todo]
+            if tower:  # the frozen tower's part only (no gradient to keep); the merger runs below
+                with torch.no_grad():
+                    out = self.tower_states(*inputs)
+            else:
+                out = self.video_embeddings(*inputs)
             return list(torch.split(out, [sizes[i] // merge ** 2 for i in todo]))
 
-        return self._gather("video", video_keys, video_tokens, len(sizes), encode)
+        features = self._gather("video", video_keys, video_tokens, len(sizes), encode)
+        if not tower:
+            return features
+        device = next(self.visual.merger.parameters()).device
+        merged = self.merge_tower_states(torch.cat([f.to(device) for f in features]))
+        return list(torch.split(merged, [f.shape[0] for f in features]))
 
     def _gather(self, part: str, keys, given, count: int, encode) -> list[torch.Tensor]:
         if self.media_cache is None:
@@ -280,6 +310,19 @@ class AVLLM(PreTrainedModel):
         more than a chunk of logits at a time. Call it inside ``forward``: under FSDP2 the head's weight (in the
         root unit) is whole only there."""
         return head_token_logps(self.lm_head, hidden.flatten(0, 1)[index], targets, chunk_size)
+
+
+class MergeGroups(nn.Module):
+    """Stands in for the vision merger in ``AVLLM.tower_states``: each visual token's ``unit`` patch states side by
+    side, unchanged (the tower's forward then puts the groups back in token order, as it does the merger's
+    outputs)."""
+
+    def __init__(self, unit: int):
+        super().__init__()
+        self.unit = unit
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden.reshape(-1, self.unit * hidden.shape[-1])
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -25,9 +25,9 @@ from typing import Union
 import torch
 from transformers.cache_utils import DynamicCache
 
-# media keys and stored encoder outputs a batch may bring (AVProcessor._media_batch), passed on to AVLLM.embed: with
-# keys, a video repeated in the batch (K samples of it) goes through the encoders once (media_cache.gather_media)
-MEDIA_OUTPUTS = ("video_keys", "video_tokens", "audio_keys", "audio_states")
+# with media keys in the batch, a video repeated in it (K samples of it) goes through the encoders once
+from src.models.media_cache import MEDIA_OUTPUTS
+
 
 
 @dataclass

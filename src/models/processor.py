@@ -152,7 +152,10 @@ class AVProcessor:
         """The media inputs once, and one sequence per named response (e.g. chosen, rejected, gt): under each name
         a dict of input_ids, labels, position_ids, rope_delta, response_start (None for a response that is None).
         Every sequence holds the same media span at the same place, so the encoders' features fit each of them."""
-        sample, spans, span_ids = self._media(clip)
+        return self._responses(*self._media(clip), prompt, responses)
+
+    def _responses(self, sample: dict[str, Any], spans: list[AVLayout], span_ids: list[int], prompt: str | None,
+                   responses: dict[str, str | None]) -> dict[str, Any]:
         for name, text in responses.items():
             sample[name] = None if text is None else self._sequence(spans, span_ids, prompt, text)
         return sample
@@ -237,8 +240,8 @@ class AVProcessor:
         """A manifest row -> decoded, encoded sample (runs in DataLoader workers; media errors propagate as
         BadSampleError for the stream to quarantine)."""
         if isinstance(row, PreferenceRow):
-            clip = self.load_clip(row.video, row.audio, use_audio=row.use_audio)
-            sample = self.encode_preference(clip, row.prompt, {name: getattr(row, name) for name in RESPONSES})
+            responses = {name: getattr(row, name) for name in RESPONSES}
+            sample = self._responses(*self._row_media(row), row.prompt, responses)
             sample["ref_chosen_logp"], sample["ref_rejected_logp"] = row.ref_chosen_logp, row.ref_rejected_logp
         else:
             sample, spans, span_ids = self._row_media(row)
