@@ -2,7 +2,7 @@
 # The GPU figures of bench/RESULTS.md in one run on a single CUDA GPU (a 7B-shaped random model, bf16):
 #   bash bench/gpu_checks.sh OUT_DIR [STAGES]
 # STAGES (default: env dpo4k sft dpo16k dpo1k, in this order; also dpo4k2 mask4k2 nockpt4k2 fp4k2 fp1k2 fx4k
-# fx4kplain fx1k mc4k f4k sp4k2 sp1k2 c4k2 sp16k sp1k1 sp4k1 sxc4k2 rr4k2 rr16k rm4k2 rmc4k2 rm16k,
+# fx4kplain fx1k mc4k f4k sp4k2 sp1k2 c4k2 sp16k sp1k1 sp4k1 sxc4k2 rr4k2 rr16k rm4k2 rmc4k2 rm16k rmall4k2 rmm4k2,
 # below). PROFILE=1:
 # dpo4k also writes one profiled step of each of our paths to OUT_DIR/<path>_4096.txt (bench/dpo_step.py --profile).
 # Each stage writes OUT_DIR/<stage>.json (its stderr is appended to OUT_DIR/stderr.log) and has its own time limit,
@@ -87,6 +87,10 @@ for s in $stages; do
     # the same step with each decoder layer compiled
     rm4k2) stage rm4k2 420 $dpo --prompt-len 4096 --pairs 2 --steps 3 --paths fast_rollout_media,fast_rollout_ref,trl --prefix-sharing split --timeout 130 ;;
     rmc4k2) stage rmc4k2 330 $dpo --prompt-len 4096 --pairs 2 --steps 3 --warmup 2 --paths fast_rollout_media --compile-decoder --timeout 300 ;;
+    # not yet run: every path in one run at 4k (rm4k2 had no plain; ~300 s), and the paper's DPO set, where the
+    # merger trains and the video part keeps the frozen tower's output (video_stage "tower")
+    rmall4k2) stage rmall4k2 480 $dpo --prompt-len 4096 --pairs 2 --steps 3 --paths fast_rollout_media,fast_rollout_ref,fast,plain,trl,trl_precomputed_ref --prefix-sharing split --timeout 130 ;;
+    rmm4k2) stage rmm4k2 200 $dpo --prompt-len 4096 --pairs 2 --steps 3 --paths fast_rollout_media,fast_rollout_ref --trainable lora,aligner,merger --prefix-sharing split --timeout 90 ;;
     rm16k) stage rm16k 330 $dpo --prompt-len 16384 --pairs 1 --steps 2 --paths fast_rollout_media,fast_rollout_ref,trl --prefix-sharing split --timeout 100 ;;
     *) echo "unknown stage $s" ;;
   esac

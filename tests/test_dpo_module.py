@@ -242,6 +242,8 @@ def test_settings_are_checked(tiny_base):
         DPOModule(base=str(tiny_base), beta=0.0)
     with pytest.raises(ValueError, match="prefix_sharing"):
         DPOModule(base=str(tiny_base), prefix_sharing="kv")
+    with pytest.raises(ValueError, match="round_lr_decay"):
+        DPOModule(base=str(tiny_base), round_lr_decay=0.0)
 
 
 # -- a round boundary under a Trainer ---------------------------------------------------------------------
@@ -277,9 +279,11 @@ class RoundAt(pl.Callback):
         self.seen["snapshot_is_now"] = all(torch.equal(snap["aligner." + n], p) for n, p in aligner.items())
 
 
-def test_start_round_keeps_the_function_resets_lora_state_and_restarts_the_schedule(tiny_base, synthav, tmp_path):
+@pytest.mark.parametrize("decay", [1.0, 0.5])
+def test_start_round_keeps_the_function_resets_lora_state_and_restarts_the_schedule(tiny_base, synthav, tmp_path,
+                                                                                    decay):
     module = DPOModule(base=str(tiny_base), trainable=["lora", "aligner", "merger"], lora=LoraSettings(**LORA),
-                       lr=1e-2, schedule_steps=4, optim={"warmup_ratio": 0.5})
+                       lr=1e-2, schedule_steps=4, optim={"warmup_ratio": 0.5}, round_lr_decay=decay)
     module.configure_model()
     manifest = write_pairs(synthav, tmp_path / "p.jsonl", n=4)
     rows = read_manifest(manifest, "preference")
@@ -297,9 +301,10 @@ def test_start_round_keeps_the_function_resets_lora_state_and_restarts_the_sched
     seen = callback.seen
     assert torch.allclose(seen["logits_before"], seen["logits_after"], atol=2e-5, rtol=0)
     assert seen["lora_state_before"] == 2 * 3 * 2 and seen["lora_state_after"] == 0
-    # schedule of 4 steps, warm-up 2: lr 1/2, 2/2, cos..., restarted at step 3 -> the first warm-up lr again
+    # schedule of 4 steps, warm-up 2: lr 1/2, 2/2, cos..., restarted at step 3 -> the first warm-up lr again, times
+    # round_lr_decay in round 1
     assert seen["lr_before"] == pytest.approx(1e-2 * 0.5 * (1 + math.cos(math.pi * 1 / 2)))
-    assert seen["lr_after"] == pytest.approx(1e-2 * 0.5)
+    assert seen["lr_after"] == pytest.approx(1e-2 * 0.5 * decay)
     assert seen["b_zero"] and seen["snapshot_is_now"]
     assert module.round == 1 and module.schedule_start == 3
     assert trainer.callback_metrics["mrdpo/round"].item() == 1.0

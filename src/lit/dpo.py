@@ -115,6 +115,8 @@ class DPOModule(pl.LightningModule):
         trainable: parts from src.lit.sft.TRAINABLE_PARTS (default lora + aligner + merger).
         lora: settings of the fresh adapter. lr, optim: AdamW and the warm-up + cosine schedule.
         schedule_steps: optimizer steps of one LR cycle (a round); None = the whole run.
+        round_lr_decay: round r's cycle peaks at lr x round_lr_decay^r (r from 0); 1.0 (default) restarts every
+            round at ``lr``, as the paper does.
         packed: prefix-shared packed forward (src.models.packing); False = the plain stacked sequences (the oracle).
         pack_tokens: token budget of one packed row; None = one row per pair (see the module docstring).
         llm_attention: the LLM decoder's attention kernel ("sdpa", "eager" or "flex_attention"); None keeps the
@@ -146,12 +148,14 @@ class DPOModule(pl.LightningModule):
                  llm_attention: Literal["sdpa", "eager", "flex_attention"] | None = None,
                  prefix_sharing: PrefixSharing = "split", compile_decoder: bool = False,
                  cache_video_tokens: bool = False, cache_audio_states: bool = False,
-                 media_cache_gb: float | None = None):
+                 media_cache_gb: float | None = None, round_lr_decay: float = 1.0):
         super().__init__()
         if loss_type not in PREFERENCE_LOSSES:
             raise ValueError(f"loss_type must be one of {tuple(PREFERENCE_LOSSES)}, got {loss_type!r}")
         if beta <= 0 or gt_weight < 0:
             raise ValueError(f"need beta > 0 and gt_weight >= 0, got beta={beta}, gt_weight={gt_weight}")
+        if not 0 < round_lr_decay <= 1:
+            raise ValueError(f"round_lr_decay must be in (0, 1], got {round_lr_decay}")
         if schedule_steps is not None and schedule_steps < 1:
             raise ValueError(f"schedule_steps must be >= 1 or None, got {schedule_steps}")
         if pack_tokens is not None and pack_tokens < 1:
@@ -173,6 +177,7 @@ class DPOModule(pl.LightningModule):
         self.optim = optim if isinstance(optim, OptimSettings) else OptimSettings(**optim)
         self.trainable = tuple(trainable) if trainable is not None else DPO_TRAINABLE
         self.schedule_steps, self.activation_checkpointing = schedule_steps, activation_checkpointing
+        self.round_lr_decay = round_lr_decay
         self.packed, self.pack_tokens, self.llm_attention = packed, pack_tokens, llm_attention
         self.prefix_sharing, self.compile_decoder = prefix_sharing, compile_decoder
         self.media_cache = media_cache_for(cache_video_tokens, cache_audio_states, media_cache_gb)
@@ -394,8 +399,8 @@ class DPOModule(pl.LightningModule):
             raise ValueError(f"trainable {self.trainable} leaves nothing to train")
         optimizer = adamw(params, self.lr, self.optim)
         total = self.schedule_steps or int(self.trainer.estimated_stepping_batches)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(
-            step - self.schedule_start, total, self.optim.warmup_ratio, self.optim.min_lr_ratio))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.round_lr_decay ** self.round * (
+            warmup_cosine(step - self.schedule_start, total, self.optim.warmup_ratio, self.optim.min_lr_ratio)))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # -- checkpoints ---------------------------------------------------------------------------------------
