@@ -135,8 +135,9 @@ class DPOModule(pl.LightningModule):
             clip met (src.models.media_cache, as SFTModule does), so a clip's encoders run once per process: the
             MrDPO rollout's prompt pass computes them for each training video with the round-start model, which
             has the same frozen encoders, and every DPO step and later round on those videos reads them. Needs
-            the cached encoder frozen (the video part: no "merger" in ``trainable``); memory: their outputs on
-            CPU (a 7B's 4k media tokens: about 40 MB per clip in bf16 when the merger trains), bounded by
+            the cached encoder frozen: Whisper, and the vision tower (with "merger" in ``trainable``, the paper's
+            set, the tower's output is kept and the merger runs on it every step); memory: the outputs on CPU (a
+            7B's 4k media tokens: about 40 MB per clip in bf16 when the merger trains), bounded by
             ``media_cache_gb`` (None: unbounded; past it, clips are no longer stored). Under FSDP2 those encoders are
             not sharded per layer (src.lit.sft.shard_under_model_parallel).
     """

@@ -29,7 +29,6 @@ from transformers.cache_utils import DynamicCache
 from src.models.media_cache import MEDIA_OUTPUTS
 
 
-
 @dataclass
 class GenerationSettings:
     max_new_tokens: int = 128

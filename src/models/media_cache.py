@@ -79,8 +79,8 @@ class FrozenMediaCache:
     def check_frozen(self, model) -> None:
         """Refuse a cached part whose stored stage trains: Whisper for "audio", the vision tower (everything of
         the vision path but its merger) for "video"."""
-        encoders = {"video": ("vision tower", model.visual, "merger."), "audio": ("Whisper encoder", model.whisper,
-                                                                                  None)}
+        encoders = {"video": ("vision tower", model.visual, "merger."),  # the merger may train: video_stage
+                    "audio": ("Whisper encoder", model.whisper, None)}
         for part in self.stores:
             what, module, spared = encoders[part]
             trainable = [n for n, p in module.named_parameters()
