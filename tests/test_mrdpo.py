@@ -165,8 +165,10 @@ def test_two_rounds_through_the_trainer(steered_base, synthav, tmp_path, monkeyp
     for name, a in zip(names, expected_lora_a([start1[n][1].shape for n in names], seed=0, round_index=1)):
         assert torch.equal(start1[name][1], a), name
     assert seen["lora_state_end0"] == 2 * len(end0) and seen["lora_state_start1"] == 0
-    # the LR cycle restarts: the first warm-up LR of a 2-step cycle (warm-up 10% -> at least 1 step)
-    assert seen["lr_start1"] == pytest.approx(LR * warmup_cosine(0, 2, 0.1, 0.0))
+    # the LR cycle restarts: the first warm-up LR of a 2-step cycle (warm-up 10% -> at least 1 step), at the
+    # recipe's round_lr_decay^1 of the peak
+    decay = yaml.safe_load(RECIPE.read_text())["model"]["init_args"].get("round_lr_decay", 1.0)
+    assert seen["lr_start1"] == pytest.approx(LR * decay * warmup_cosine(0, 2, 0.1, 0.0))
     assert seen["round_start1"] == 1
     # the reference snapshot is the round-1 start (aligner and merger, which moved in round 0)
     assert seen["snapshot_start1"].keys() == seen["trainable_start1"].keys()
