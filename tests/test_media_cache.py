@@ -263,3 +263,14 @@ def test_the_bound_keeps_the_first_outputs_and_stores_no_more(frozen, rows):
     assert bounded.bytes == sizes[0] == unbounded.bytes - sum(sizes[1:])
     with pytest.raises(ValueError, match="max_gb"):
         FrozenMediaCache(["audio"], max_gb=0)
+
+
+def test_the_cache_is_refused_under_fsdp2(tiny_base):
+    """Ranks that hit and miss the cache would run different FSDP2 collectives: a sharded run must not take it."""
+    from types import SimpleNamespace
+
+    from src.lit.sft import shard_under_model_parallel
+
+    model, _ = load_base(tiny_base)
+    with pytest.raises(ValueError, match="single-process"):
+        shard_under_model_parallel(SimpleNamespace(device_mesh=object()), model, FrozenMediaCache(["audio"]))

@@ -335,7 +335,8 @@ def test_fsdp2_on_two_cpu_processes_runs_the_rounds_like_one_process(steered_bas
     for name, extra in (("single", []), ("fsdp2", [
             "--trainer.devices=2", "--trainer.strategy=lightning.pytorch.strategies.ModelParallelStrategy",
             "--trainer.strategy.data_parallel_size=2", "--trainer.strategy.tensor_parallel_size=1",
-            "--data.init_args.batch_size=1"])):
+            "--data.init_args.batch_size=1", "--model.init_args.cache_video_tokens=false",
+            "--model.init_args.cache_audio_states=false"])):  # the media cache is single-process
         root = tmp_path / name
         root.mkdir()
         runs[name] = root

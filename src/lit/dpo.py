@@ -138,8 +138,8 @@ class DPOModule(pl.LightningModule):
             the cached encoder frozen: Whisper, and the vision tower (with "merger" in ``trainable``, the paper's
             set, the tower's output is kept and the merger runs on it every step); memory: the outputs on CPU (a
             7B's 4k media tokens: about 40 MB per clip in bf16 when the merger trains), bounded by
-            ``media_cache_gb`` (None: unbounded; past it, clips are no longer stored). Under FSDP2 those encoders are
-            not sharded per layer (src.lit.sft.shard_under_model_parallel).
+            ``media_cache_gb`` (None: unbounded; past it, clips are no longer stored). Single-process for now:
+            refused under FSDP2 (src.lit.sft.shard_under_model_parallel).
     """
 
     def __init__(self, base: str, beta: float = BETA, gt_weight: float = GT_WEIGHT, loss_type: LossType = "sigmoid",

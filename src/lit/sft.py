@@ -130,17 +130,20 @@ def compile_layers(layers) -> None:
 def shard_under_model_parallel(module: pl.LightningModule, model, media_cache: FrozenMediaCache | None = None
                                ) -> None:
     """Under ModelParallelStrategy (``module.device_mesh`` set), shard ``model`` with FSDP2 (bf16 compute when the
-    trainer's precision is bf16); otherwise nothing. The encoders of parts ``media_cache`` holds stay out of their
-    own FSDP2 units (their parameters go with the root's, which every rank gathers in every forward): one rank may
-    find a clip's features in its cache while another computes them, and per-layer units there would wait forever
-    for the all-gathers of the rank that skipped the encoder."""
+    trainer's precision is bf16); otherwise nothing. A media cache is refused there: one rank may find a clip's
+    outputs in its cache while another computes them, and the ranks' FSDP2 collectives then stop matching (seen
+    with the Whisper and vision units kept whole: a 2-process MrDPO run hung in backward, one rank in the final
+    reduce-scatter, the other prefetching a unit)."""
     if getattr(module, "device_mesh", None) is None:
         return
+    if media_cache is not None:
+        raise ValueError("cache_video_tokens / cache_audio_states are single-process for now: under FSDP2 "
+                         "(ModelParallelStrategy) ranks that hit and miss the cache run different collectives; "
+                         "turn them off for sharded runs")
     from src.models.sharding import shard_model
 
     bf16 = str(module.trainer.precision).startswith("bf16")
-    cached = [part for part in ("video", "audio") if media_cache is not None and media_cache.caches(part)]
-    shard_model(model, module.device_mesh, param_dtype=torch.bfloat16 if bf16 else None, whole=cached)
+    shard_model(model, module.device_mesh, param_dtype=torch.bfloat16 if bf16 else None)
 
 
 def adamw(params: list[torch.nn.Parameter], lr: float, optim: OptimSettings) -> torch.optim.AdamW:

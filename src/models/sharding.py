@@ -3,23 +3,18 @@ and the root, so each unit's parameters are gathered only while that unit runs."
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 
-def shard_model(model, device_mesh, *, param_dtype: torch.dtype | None = None, whole: Sequence[str] = ()) -> None:
+def shard_model(model, device_mesh, *, param_dtype: torch.dtype | None = None) -> None:
     """Shard in place over the mesh's data-parallel dimension. ``param_dtype`` (e.g. bf16) runs the units'
-    compute in that dtype with fp32 gradient reduction; None keeps the parameters' own dtype. ``whole``: media
-    parts ("video": the vision tower, "audio": Whisper) that get no units of their own, so that a rank may skip
-    them (a media cache hit) without leaving the others in an all-gather: their parameters join the root unit."""
+    compute in that dtype with fp32 gradient reduction; None keeps the parameters' own dtype."""
     mesh = device_mesh["data_parallel"] if "data_parallel" in (device_mesh.mesh_dim_names or ()) else device_mesh
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else None
     kwargs = {"mesh": mesh} | ({"mp_policy": policy} if policy else {})
-    units = [*model.llm.layers, *([] if "video" in whole else model.visual.blocks),
-             *([] if "audio" in whole else model.whisper.layers), model.aligner]
+    units = [*model.llm.layers, *model.visual.blocks, *model.whisper.layers, model.aligner]
     for unit in units:
         fully_shard(unit, **kwargs)
     fully_shard(model, **kwargs)
