@@ -453,9 +453,10 @@ def to_device(batch: dict[str, Any], device: str) -> dict[str, Any]:
 
 
 def frozen_media_parts(settings: Settings) -> dict[str, bool]:
-    """DPOModule's media-cache settings for the parts whose encoders do not train under --trainable."""
+    """DPOModule's media-cache settings for the parts whose encoders do not train under --trainable (with the merger
+    trainable the video part keeps the frozen tower's output, src.models.media_cache.video_stage)."""
     parts = set(settings.parts)
-    return {"cache_video_tokens": not parts & {"merger", "vision"}, "cache_audio_states": "whisper" not in parts}
+    return {"cache_video_tokens": "vision" not in parts, "cache_audio_states": "whisper" not in parts}
 
 
 def build_module(settings: Settings, workdir: Path, packed: bool, media_cache: bool = False):
