@@ -265,12 +265,20 @@ def test_the_bound_keeps_the_first_outputs_and_stores_no_more(frozen, rows):
         FrozenMediaCache(["audio"], max_gb=0)
 
 
-def test_the_cache_is_refused_under_fsdp2(tiny_base):
-    """Ranks that hit and miss the cache would run different FSDP2 collectives: a sharded run must not take it."""
+def test_under_fsdp2_the_cached_encoders_get_no_units_of_their_own(tiny_base, monkeypatch):
+    """A rank may hit the cache where another computes: the cached parts' encoders join the root unit (the
+    2-process run: tests/test_media_cache_fsdp.py)."""
     from types import SimpleNamespace
 
+    import src.models.sharding as sharding
     from src.lit.sft import shard_under_model_parallel
 
+    calls, shard_model = [], sharding.shard_model
+    monkeypatch.setattr(sharding, "shard_model", lambda model, mesh, **kwargs: calls.append(kwargs))
+    module = SimpleNamespace(device_mesh=object(), trainer=SimpleNamespace(precision="bf16-mixed"))
     model, _ = load_base(tiny_base)
-    with pytest.raises(ValueError, match="single-process"):
-        shard_under_model_parallel(SimpleNamespace(device_mesh=object()), model, FrozenMediaCache(["audio"]))
+    shard_under_model_parallel(module, model, FrozenMediaCache(["audio"]))
+    shard_under_model_parallel(module, model, None)
+    assert calls == [{"param_dtype": torch.bfloat16, "whole": ["audio"]}, {"param_dtype": torch.bfloat16, "whole": []}]
+    with pytest.raises(ValueError, match="media parts"):
+        shard_model(model, object(), whole=["llm"])

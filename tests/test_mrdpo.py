@@ -335,8 +335,7 @@ def test_fsdp2_on_two_cpu_processes_runs_the_rounds_like_one_process(steered_bas
     for name, extra in (("single", []), ("fsdp2", [
             "--trainer.devices=2", "--trainer.strategy=lightning.pytorch.strategies.ModelParallelStrategy",
             "--trainer.strategy.data_parallel_size=2", "--trainer.strategy.tensor_parallel_size=1",
-            "--data.init_args.batch_size=1", "--model.init_args.cache_video_tokens=false",
-            "--model.init_args.cache_audio_states=false"])):  # the media cache is single-process
+            "--data.init_args.batch_size=1"])):
         root = tmp_path / name
         root.mkdir()
         runs[name] = root
@@ -354,6 +353,12 @@ def test_fsdp2_on_two_cpu_processes_runs_the_rounds_like_one_process(steered_bas
         assert abs(p.ref_chosen_logp - q.ref_chosen_logp) < LOGP_ATOL and abs(
             p.ref_rejected_logp - q.ref_rejected_logp) < LOGP_ATOL
     assert read_manifest(runs["fsdp2"] / "runs" / "mrdpo" / "rounds" / "r1" / "pairs.jsonl", "preference")
+    # the media cache ran under FSDP2 (the encoders of its parts whole, the rollouts' forwards forgotten before
+    # each step): every round some encoder outputs came from it, on each rank
+    logged = [row for path in (runs["fsdp2"] / "logs").rglob("metrics.csv") for row in csv.DictReader(path.open())
+              if row.get("media_cache/audio_hit_rate")]
+    assert [int(row["epoch"]) for row in logged] == [0, 1]
+    assert all(float(row[f"media_cache/{part}_hit_rate"]) > 0 for row in logged for part in ("video", "audio"))
     final = load_base(runs["fsdp2"] / "checkpoints" / "mrdpo" / "final")[0].state_dict()
     start = load_base(steered_base)[0].state_dict()
     assert not any(".lora_" in k for k in final) and any(not torch.equal(final[k], start[k]) for k in final

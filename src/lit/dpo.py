@@ -60,7 +60,8 @@ import lightning.pytorch as pl
 import torch
 
 from src.lit.sft import (OptimSettings, adamw, build_trainable_model, clip_gradients, compile_layers,
-                         log_grad_norm_and_lr, shard_under_model_parallel, warmup_cosine)
+                         forget_sharded_forwards, log_grad_norm_and_lr, log_media_cache, shard_under_model_parallel,
+                         warmup_cosine)
 from src.losses.dpo import BETA, GT_WEIGHT, PREFERENCE_LOSSES, gdpo_loss, preference_stats
 from src.losses.logprobs import response_ce, sequence_logps
 from src.models.lora import LoraSettings, clear_optimizer_state_, fold_lora_, lora_parameters, reset_lora_
@@ -138,8 +139,10 @@ class DPOModule(pl.LightningModule):
             the cached encoder frozen: Whisper, and the vision tower (with "merger" in ``trainable``, the paper's
             set, the tower's output is kept and the merger runs on it every step); memory: the outputs on CPU (a
             7B's 4k media tokens: about 40 MB per clip in bf16 when the merger trains), bounded by
-            ``media_cache_gb`` (None: unbounded; past it, clips are no longer stored). Single-process for now:
-            refused under FSDP2 (src.lit.sft.shard_under_model_parallel).
+            ``media_cache_gb`` (None: unbounded; past it, clips are no longer stored). Under FSDP2 each rank
+            keeps the clips it meets (its rollout shard first), the cached encoders are not sharded per layer and
+            the rollout's forwards are forgotten before each step (src.lit.sft.shard_under_model_parallel).
+            Logs media_cache/{video,audio}_hit_rate per round.
     """
 
     def __init__(self, base: str, beta: float = BETA, gt_weight: float = GT_WEIGHT, loss_type: LossType = "sigmoid",
@@ -211,6 +214,12 @@ class DPOModule(pl.LightningModule):
         """The DataModule's processor serves clips the media cache holds from it (src.models.media_cache)."""
         if self.media_cache is not None:
             self.media_cache.serve(getattr(self.trainer.datamodule, "processor", None))
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        forget_sharded_forwards(self)  # the rollout's and evaluation's forwards: rank-dependent counts
+
+    def on_train_epoch_end(self) -> None:
+        log_media_cache(self, self.media_cache)  # an epoch is a round
 
     def start_round(self, index: int, generator: torch.Generator) -> None:
         """A round boundary, as this module sees it; call on every rank (collectives under FSDP2). Folds the LoRA

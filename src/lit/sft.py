@@ -13,7 +13,8 @@ over the run's optimizer steps. Logs train/loss, train/lr, train/tokens_per_s, t
 ``cache_video_tokens`` / ``cache_audio_states``: with a frozen vision path / Whisper encoder, each clip's video
 tokens / Whisper states are computed once and reused, and a clip whose every part is stored is no longer decoded or
 featurised (src.models.media_cache); with the merger trainable the video part keeps the frozen tower's output and
-the merger runs on it. ``media_cache_gb`` bounds what the cache keeps. ``attn_implementation``: the decoder's
+the merger runs on it. ``media_cache_gb`` bounds what the cache keeps; media_cache/{part}_hit_rate is logged per
+epoch; under FSDP2 each rank keeps its own (``shard_under_model_parallel``). ``attn_implementation``: the decoder's
 attention kernel ("sdpa", "eager", ...; None keeps SDPA, which the base loads with). ``compile_decoder``:
 torch.compile each decoder layer (``compile_layers``: one graph for all, dynamic lengths; the tiny recipe's step
 1.6x on a 2-core CPU after a ~30-55 s first compile).
@@ -36,6 +37,7 @@ from lightning.pytorch.utilities import GradClipAlgorithmType
 from src.models.build import load_base
 from src.models.lora import LoraSettings, attach_lora
 from src.models.media_cache import MEDIA_OUTPUTS, FrozenMediaCache, media_cache_for
+from src.models.sharding import forget_forward_order
 
 Stage = Literal["align", "sft", "rebirth"]
 TRAINABLE_PARTS = ("lora", "aligner", "merger", "llm", "vision", "whisper")
@@ -130,20 +132,37 @@ def compile_layers(layers) -> None:
 def shard_under_model_parallel(module: pl.LightningModule, model, media_cache: FrozenMediaCache | None = None
                                ) -> None:
     """Under ModelParallelStrategy (``module.device_mesh`` set), shard ``model`` with FSDP2 (bf16 compute when the
-    trainer's precision is bf16); otherwise nothing. A media cache is refused there: one rank may find a clip's
-    outputs in its cache while another computes them, and the ranks' FSDP2 collectives then stop matching (seen
-    with the Whisper and vision units kept whole: a 2-process MrDPO run hung in backward, one rank in the final
-    reduce-scatter, the other prefetching a unit)."""
+    trainer's precision is bf16); otherwise nothing. The encoders of parts ``media_cache`` holds get no FSDP2
+    units of their own (their parameters go with the root's, which every rank gathers in every forward): one rank
+    may find a clip's outputs in its cache while another computes them, and per-layer units there would leave the
+    computing rank in all-gathers the other never joins; ``sharding.forget_forward_order`` before each training
+    forward keeps the backward's prefetches equal across ranks."""
     if getattr(module, "device_mesh", None) is None:
         return
-    if media_cache is not None:
-        raise ValueError("cache_video_tokens / cache_audio_states are single-process for now: under FSDP2 "
-                         "(ModelParallelStrategy) ranks that hit and miss the cache run different collectives; "
-                         "turn them off for sharded runs")
     from src.models.sharding import shard_model
 
     bf16 = str(module.trainer.precision).startswith("bf16")
-    shard_model(model, module.device_mesh, param_dtype=torch.bfloat16 if bf16 else None)
+    cached = [part for part in ("video", "audio") if media_cache is not None and media_cache.caches(part)]
+    shard_model(model, module.device_mesh, param_dtype=torch.bfloat16 if bf16 else None, whole=cached)
+
+
+def forget_sharded_forwards(module: pl.LightningModule) -> None:
+    """Before a training step (every rank), under FSDP2: ``sharding.forget_forward_order`` of the module's model."""
+    if getattr(module, "device_mesh", None) is not None:
+        forget_forward_order(module.model)
+
+
+def log_media_cache(module: pl.LightningModule, cache: FrozenMediaCache | None) -> None:
+    """media_cache/{part}_hit_rate: the share of this epoch's (an MrDPO round's) encoder outputs the cache gave,
+    the mean over ranks, and media_cache/gb stored; for on_train_epoch_end."""
+    if cache is None:
+        return
+    before = getattr(module, "_media_counts", {})  # (hits, misses) per part at the last epoch's end
+    for part in cache.stores:
+        hits, misses = (now - was for now, was in zip((cache.hits[part], cache.misses[part]), before.get(part, (0, 0))))
+        module.log(f"media_cache/{part}_hit_rate", hits / max(hits + misses, 1), sync_dist=True)
+    module.log("media_cache/gb", cache.bytes / 2**30, sync_dist=True)
+    module._media_counts = {part: (cache.hits[part], cache.misses[part]) for part in cache.stores}
 
 
 def adamw(params: list[torch.nn.Parameter], lr: float, optim: OptimSettings) -> torch.optim.AdamW:
@@ -215,6 +234,12 @@ class SFTModule(pl.LightningModule):
         of the processor only key their rows)."""
         if self.media_cache is not None:
             self.media_cache.serve(getattr(self.trainer.datamodule, "processor", None))
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        forget_sharded_forwards(self)
+
+    def on_train_epoch_end(self) -> None:
+        log_media_cache(self, self.media_cache)
 
     def forward(self, batch: dict[str, Any]):
         return self.model(**model_inputs(batch), return_logits=False)

@@ -13,7 +13,11 @@ In MrDPO (src.lit.dpo.DPOModule) the rollout's prompt pass meets each training v
 model's frozen encoders, so the DPO steps of the round and every later round read them (a 7B step at 4k tokens on
 an H100: 1.33x, bench/RESULTS.md).
 
-Two ends share it, in one process:
+Under FSDP2 each rank keeps what it meets: one rank may hit where another computes, so the cached encoders get no
+FSDP2 units of their own (src.models.sharding.shard_model's ``whole``) and FSDP2's record of forwards is dropped
+before each training step (``forget_forward_order``), which keeps the ranks' collectives matched.
+
+Two ends share it, in one process (a rank):
 - the model (``AVLLM.embed`` with ``video_keys`` / ``audio_keys``) stores what it computes for keyed media and takes
   stored entries for keys it meets again (``gather``);
 - the processor (``AVProcessor`` with ``media_cache`` set), once every part of a clip is stored, neither decodes nor
