@@ -49,7 +49,7 @@ def steered_base(tmp_path_factory, synthav):
 
 
 def mrdpo_recipe(folder: Path, synthav: Path, *, rounds: int = 2, steps: int = 2, callback: str | None = None,
-                 extra_callbacks: tuple[str, ...] = (), evaluate: bool = True) -> Path:
+                 extra_callbacks: tuple[str, ...] = (), evaluate: bool = True, local_pairs: bool = False) -> Path:
     """recipes/mrdpo.yaml sized for a test: 6 of the 8 SynthAV clips per rollout, 16-token samples and eval
     captions (of the 2 test clips; no evaluation unless ``evaluate``), a checkpoint every step, a CSV logger;
     written in ``folder``."""
@@ -61,7 +61,7 @@ def mrdpo_recipe(folder: Path, synthav: Path, *, rounds: int = 2, steps: int = 2
             entry["init_args"].update(
                 rounds=rounds, steps_per_round=steps, rollout_videos=6, videos=str(synthav / "train.jsonl"),
                 eval_data=str(synthav / "test.jsonl") if evaluate else None, eval_max_new_tokens=16,
-                rollout={"k": 4, "max_new_tokens": 16, "batch_size": 4, "seed": 3})
+                rollout={"k": 4, "max_new_tokens": 16, "batch_size": 4, "seed": 3}, local_pairs=local_pairs)
         if entry["class_path"].endswith("ModelCheckpoint") and "every_n_train_steps" in entry["init_args"]:
             entry["init_args"]["every_n_train_steps"] = 1
     callbacks[1:1] = [{"class_path": name} for name in extra_callbacks]  # after MultiRoundDPO, before the rest
@@ -217,6 +217,10 @@ def test_loop_settings_that_contradict_the_rounds_are_refused(steered_base, synt
         fit.main(["--recipe", str(recipe), *overrides(steered_base), "--trainer.max_steps=5",
                   "--trainer.limit_train_batches=3"])
     assert not (tmp_path / "runs" / "mrdpo" / "rounds").exists()
+    local = mrdpo_recipe(tmp_path, synthav, local_pairs=True)  # pairs ordered for the ranks: read in file order
+    with pytest.raises(ValueError, match=r"data.shuffle_buffer=7 .*local_pairs"):
+        fit.main(["--recipe", str(local), *overrides(steered_base), "--data.init_args.shuffle_buffer=7"])
+    assert not (tmp_path / "runs" / "mrdpo" / "rounds").exists()
 
 
 def test_without_eval_data_the_table_has_pairs_and_minutes_only(steered_base, synthav, tmp_path, monkeypatch):
@@ -339,7 +343,8 @@ def test_fsdp2_on_two_cpu_processes_runs_the_rounds_like_one_process(steered_bas
         root = tmp_path / name
         root.mkdir()
         runs[name] = root
-        run_to_end(start_fit(root, ["--recipe", str(mrdpo_recipe(root, synthav)), *overrides(steered_base), *extra]))
+        recipe = mrdpo_recipe(root, synthav, local_pairs=name == "fsdp2")
+        run_to_end(start_fit(root, ["--recipe", str(recipe), *overrides(steered_base), *extra]))
     tables = {name: json.loads((root / "runs" / "mrdpo" / "rounds.json").read_text()) for name, root in runs.items()}
     assert [row["round"] for row in tables["fsdp2"]] == [0, 1, 2]
     assert {k: tables["fsdp2"][0][k] for k in ROW_KEYS if k != "minutes"} == {
@@ -353,6 +358,13 @@ def test_fsdp2_on_two_cpu_processes_runs_the_rounds_like_one_process(steered_bas
         assert abs(p.ref_chosen_logp - q.ref_chosen_logp) < LOGP_ATOL and abs(
             p.ref_rejected_logp - q.ref_rejected_logp) < LOGP_ATOL
     assert read_manifest(runs["fsdp2"] / "runs" / "mrdpo" / "rounds" / "r1" / "pairs.jsonl", "preference")
+    # local_pairs: position p of the merged file, read in file order, trains on rank p % 2: it holds that rank's
+    # own pairs while both ranks have some left
+    r0 = runs["fsdp2"] / "runs" / "mrdpo" / "rounds" / "r0"
+    merged = [p.id for p in read_manifest(r0 / "pairs.jsonl", "preference")]
+    made = [{p.id for p in read_manifest(r0 / f"pairs.rank{r}of2.jsonl", "preference")} for r in (0, 1)]
+    assert sorted(merged) == sorted(made[0] | made[1])
+    assert all(pid in made[p % 2] for p, pid in enumerate(merged[:2 * min(map(len, made))]))
     # the media cache ran under FSDP2 (the encoders of its parts whole, the rollouts' forwards forgotten before
     # each step): every round some encoder outputs came from it, on each rank
     logged = [row for path in (runs["fsdp2"] / "logs").rglob("metrics.csv") for row in csv.DictReader(path.open())

@@ -348,6 +348,35 @@ def test_ranks_take_disjoint_shards_and_merge(base, rows, tmp_path):
     assert merge_shards(out, 2) == pairs == len(read_manifest(out, "preference"))
 
 
+def test_interleaved_pairs_reach_the_rank_that_made_them_in_the_training_stream():
+    """merge_shards(interleave=N): read in file order by src.data.streaming's rank x worker sharding, each rank's
+    stream holds its own rollout's pairs first (all of them while every rank has some left), then leftovers."""
+    from src.data.streaming import Source, StreamingDataset
+    from src.rollout.files import interleave_shards
+
+    class Ids:
+        def __call__(self, row):
+            return {"id": row}
+
+    shards = [[f"a{i}" for i in range(7)], [f"b{i}" for i in range(4)]]
+    for workers in (1, 2):
+        merged = interleave_shards(shards, workers, seed=5)
+        assert sorted(merged) == sorted(shards[0] + shards[1])
+        assert merged != interleave_shards(shards, workers, seed=6)  # the seed shuffles each rank's pairs
+        for rank in range(2):
+            got = []
+            for worker in range(workers):
+                ds = StreamingDataset([Source("pairs.jsonl")], Ids(), kind="preference", rows=[merged],
+                                      shuffle_buffer=0, repeat=False, rank=rank, world_size=2, num_workers=workers)
+                ds._local_shard = lambda worker=worker, rank=rank: (rank * workers + worker, worker)
+                got += [sample["id"] for sample in ds]
+            # rank 0: 6 positions, all its own (of 7); rank 1: its 4 pairs and one of rank 0's leftovers
+            assert len(set(got) & set(shards[rank])) == min(len(got), len(shards[rank])) == (6, 4)[rank]
+            assert len(got) == (6, 5)[rank]
+        assert interleave_shards(shards, workers) == interleave_shards(shards, workers)
+    assert interleave_shards([[], []], 1) == []
+
+
 # ------------------------------------------------------------------------------------------------ CLI
 
 def test_cli_writes_pairs_and_resumes(base, synthav, tmp_path, capsys):

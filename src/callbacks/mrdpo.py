@@ -161,6 +161,12 @@ class MultiRoundDPO(pl.Callback):
         reuse_base_eval: take row 0 from ``<base>/eval.json`` when it judged ``eval_data`` (same clip count, same
             judge label, and judge.json names the same manifest and decoding; one without a decoding record is
             taken as greedy).
+        local_pairs: each rank trains on the pairs its own rollout made (as far as the ranks' counts allow): the
+            merged pairs file is ordered for the stream's rank sharding (``merge_shards``'s ``interleave``), each
+            rank's pairs shuffled there with the round's seed, and the data must be read in file order
+            (``data.shuffle_buffer: 0``, no ``group_by_length``). With the DPO module's media cache under several
+            ranks, a rank then meets the clips whose encoder outputs its rollout just stored; otherwise about
+            1/ranks of them in the first round.
     """
 
     def __init__(self, videos: str, eval_data: str | None = None, *, rounds: int = 3, steps_per_round: int = 1000,
@@ -168,7 +174,7 @@ class MultiRoundDPO(pl.Callback):
                  judge: JudgeConfig = JudgeConfig(), run_dir: str | None = None, rounds_path: str | None = None,
                  seed: int = 0, eval_batch_size: int = 32, eval_max_new_tokens: int = EVAL_MAX_NEW_TOKENS,
                  eval_num_beams: int = EVAL_NUM_BEAMS, eval_length_penalty: float = EVAL_LENGTH_PENALTY,
-                 reuse_base_eval: bool = True):
+                 reuse_base_eval: bool = True, local_pairs: bool = False):
         if rounds < 1 or steps_per_round < 1:
             raise ValueError(f"need rounds >= 1 and steps_per_round >= 1, got {rounds} and {steps_per_round}")
         if rollout_videos is not None and rollout_videos < 1:
@@ -181,6 +187,7 @@ class MultiRoundDPO(pl.Callback):
         self.eval_batch_size = eval_batch_size
         self.eval_decoding = decoding_settings(eval_max_new_tokens, eval_num_beams, eval_length_penalty)
         self.reuse_base_eval = reuse_base_eval
+        self.local_pairs = local_pairs
         # state (saved in checkpoints)
         self.started_round = -1  # the last round whose start (start_round, or round 0's fresh LoRA) happened
         self.rollout_pairs: dict[int, int] = {}  # finished rollouts: round -> pairs
@@ -246,6 +253,9 @@ class MultiRoundDPO(pl.Callback):
         if pl_module.schedule_steps not in (None, self.steps_per_round):
             conflicts.append(f"model.schedule_steps={pl_module.schedule_steps} (one LR cycle per round: "
                              f"{self.steps_per_round})")
+        if self.local_pairs and (getattr(data, "shuffle_buffer", 0) or getattr(data, "group_by_length", 0) > 1):
+            conflicts.append(f"data.shuffle_buffer={data.shuffle_buffer} / data.group_by_length="
+                             f"{data.group_by_length} (local_pairs reads the pairs in file order: set 0 / 0)")
         if conflicts:
             raise ValueError("MultiRoundDPO sets the loop from rounds and steps_per_round; the recipe sets "
                              + "; ".join(conflicts))
@@ -323,7 +333,8 @@ class MultiRoundDPO(pl.Callback):
         trainer.strategy.barrier("mrdpo-rollout")
         pairs = None
         if trainer.is_global_zero:
-            pairs = merge_shards(out, world)
+            pairs = merge_shards(out, world, **({"interleave": trainer.datamodule.num_workers,
+                                                 "seed": round_seed(self.seed, r, "pairs")} if self.local_pairs else {}))
             log = out.parent / "rollout.json"
             calls = json.loads(log.read_text()) if log.is_file() else []
             write_json_atomic(log, calls + [{"ranks": every, "pairs": pairs}])

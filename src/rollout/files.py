@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from collections.abc import Iterable, Mapping
 
 from src.data.manifest import read_manifest, repair_partial_last_line, write_manifest
@@ -68,19 +69,48 @@ def append_progress(out: str | os.PathLike, records: Iterable[Mapping]) -> None:
         os.fsync(f.fileno())
 
 
-def merge_shards(out: str | os.PathLike, world_size: int) -> int:
+def merge_shards(out: str | os.PathLike, world_size: int, *, interleave: int | None = None,
+                 seed: int | None = None) -> int:
     """Write every rank's pairs into ``OUT`` as one manifest (atomically); return the pair count.
 
     Call it once, on one rank, after every rank's rollout has returned. With no pairs at all nothing is
     written and 0 is returned (an empty manifest cannot be read back as training data).
+
+    ``interleave`` N (the training DataLoader's workers per rank, 0 and 1 alike): order the pairs so that each
+    rank's training stream, read in file order (no shuffle buffer), gets the pairs its own rollout made.
+    Position p goes to rank ``(p % (world_size * N)) // N`` (src.data.streaming's sharding), so it is filled from
+    that rank's shard; once a rank's pairs run out, its positions take the others' leftovers (the rank with the
+    most left first). ``seed``: each shard is shuffled with it first (the stream does not shuffle then).
     """
-    if world_size == 1:
+    if world_size == 1 and interleave is None:
         return len(read_manifest(out, "preference", check_media=False, allow_empty=True)) if os.path.exists(out) else 0
-    rows = []
+    shards = []
     for rank in range(world_size):
         path = shard_path(out, rank, world_size)
-        if os.path.exists(path):
-            rows += read_manifest(path, "preference", check_media=False, allow_empty=True)
+        shards.append(read_manifest(path, "preference", check_media=False, allow_empty=True)
+                      if os.path.exists(path) else [])
+    if interleave is None:
+        rows = [row for shard in shards for row in shard]
+    else:
+        rows = interleave_shards(shards, max(interleave, 1), seed)
     if rows:
         write_manifest(out, rows)
     return len(rows)
+
+
+def interleave_shards(shards: list[list], workers: int, seed: int | None = None) -> list:
+    """The rows of every rank's shard in one list whose position p belongs to rank ``(p % (ranks x workers)) //
+    workers``, as far as that rank's rows last (see ``merge_shards``)."""
+    queues = [list(shard) for shard in shards]
+    if seed is not None:
+        for rank, queue in enumerate(queues):
+            random.Random(seed * 1_000_003 + rank).shuffle(queue)
+    queues = [queue[::-1] for queue in queues]  # pop() from the end = the front
+    period = len(queues) * workers
+    rows = []
+    for p in range(sum(len(queue) for queue in queues)):
+        rank = (p % period) // workers
+        if not queues[rank]:
+            rank = max(range(len(queues)), key=lambda r: (len(queues[r]), -r))
+        rows.append(queues[rank].pop())
+    return rows
