@@ -333,8 +333,9 @@ class MultiRoundDPO(pl.Callback):
         trainer.strategy.barrier("mrdpo-rollout")
         pairs = None
         if trainer.is_global_zero:
+            local = self.local_pairs and world > 1  # one process: its pairs are all local already
             pairs = merge_shards(out, world, **({"interleave": trainer.datamodule.num_workers,
-                                                 "seed": round_seed(self.seed, r, "pairs")} if self.local_pairs else {}))
+                                                 "seed": round_seed(self.seed, r, "pairs")} if local else {}))
             log = out.parent / "rollout.json"
             calls = json.loads(log.read_text()) if log.is_file() else []
             write_json_atomic(log, calls + [{"ranks": every, "pairs": pairs}])
