@@ -42,13 +42,12 @@ def run_ranks(base: Path, synthav: Path, out: Path, forget: bool) -> tuple[list[
                                str(synthav / "train.jsonl"), str(out), str(int(forget))], cwd=ROOT,
                               env={**env, "RANK": str(rank)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True) for rank in range(2)]
-    outputs = []
+    outputs = ["timed out"] * len(procs)  # a rank that times out stops the wait for all (a hang holds both)
     try:
-        for proc in procs:
-            try:
-                outputs.append(proc.communicate(timeout=TIMEOUT_S)[0])
-            except subprocess.TimeoutExpired:
-                outputs.append("timed out")
+        for i, proc in enumerate(procs):
+            outputs[i] = proc.communicate(timeout=TIMEOUT_S)[0]
+    except subprocess.TimeoutExpired:
+        pass
     finally:
         for proc in procs:
             if proc.poll() is None:
