@@ -366,11 +366,14 @@ def test_fsdp2_on_two_cpu_processes_runs_the_rounds_like_one_process(steered_bas
     assert sorted(merged) == sorted(made[0] | made[1])
     assert all(pid in made[p % 2] for p, pid in enumerate(merged[:2 * min(map(len, made))]))
     # the media cache ran under FSDP2 (the encoders of its parts whole, the rollouts' forwards forgotten before
-    # each step): every round some encoder outputs came from it, on each rank
-    logged = [row for path in (runs["fsdp2"] / "logs").rglob("metrics.csv") for row in csv.DictReader(path.open())
-              if row.get("media_cache/audio_hit_rate")]
-    assert [int(row["epoch"]) for row in logged] == [0, 1]
-    assert all(float(row[f"media_cache/{part}_hit_rate"]) > 0 for row in logged for part in ("video", "audio"))
+    # each step): every round some of the steps' encoder outputs came from it; in one process all of them (each
+    # pair's clip was stored by the round's rollout)
+    rates = {name: [row for path in (root / "logs").rglob("metrics.csv") for row in csv.DictReader(path.open())
+                    if row.get("media_cache/audio_hit_rate")] for name, root in runs.items()}
+    assert [int(row["epoch"]) for row in rates["fsdp2"]] == [0, 1]
+    parts = ("video", "audio")
+    assert all(float(row[f"media_cache/{part}_hit_rate"]) > 0 for row in rates["fsdp2"] for part in parts)
+    assert all(float(row[f"media_cache/{part}_hit_rate"]) == 1 for row in rates["single"] for part in parts)
     final = load_base(runs["fsdp2"] / "checkpoints" / "mrdpo" / "final")[0].state_dict()
     start = load_base(steered_base)[0].state_dict()
     assert not any(".lora_" in k for k in final) and any(not torch.equal(final[k], start[k]) for k in final

@@ -59,9 +59,8 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 
-from src.lit.sft import (OptimSettings, adamw, build_trainable_model, clip_gradients, compile_layers,
-                         forget_sharded_forwards, log_grad_norm_and_lr, log_media_cache, shard_under_model_parallel,
-                         warmup_cosine)
+from src.lit.sft import (OptimSettings, TrainingHooks, adamw, build_trainable_model, clip_gradients, compile_layers,
+                         log_grad_norm_and_lr, shard_under_model_parallel, warmup_cosine)
 from src.losses.dpo import BETA, GT_WEIGHT, PREFERENCE_LOSSES, gdpo_loss, preference_stats
 from src.losses.logprobs import response_ce, sequence_logps
 from src.models.lora import LoraSettings, clear_optimizer_state_, fold_lora_, lora_parameters, reset_lora_
@@ -108,7 +107,7 @@ def on_any_rank(flag: bool, device: torch.device) -> bool:
     return bool(value.item() > 0)
 
 
-class DPOModule(pl.LightningModule):
+class DPOModule(TrainingHooks, pl.LightningModule):
     """Args:
         base: the model directory to start from (the SFT export, LoRA already merged).
         beta: DPO temperature (0.1). gt_weight: lambda of gDPO, weight of the gt caption's mean CE (0.1; 0 = DPO).
@@ -142,7 +141,7 @@ class DPOModule(pl.LightningModule):
             ``media_cache_gb`` (None: unbounded; past it, clips are no longer stored). Under FSDP2 each rank
             keeps the clips it meets (its rollout shard first), the cached encoders are not sharded per layer and
             the rollout's forwards are forgotten before each step (src.lit.sft.shard_under_model_parallel).
-            Logs media_cache/{video,audio}_hit_rate per round.
+            Logs media_cache/{video,audio}_hit_rate of each round's steps (src.lit.sft.TrainingHooks).
     """
 
     def __init__(self, base: str, beta: float = BETA, gt_weight: float = GT_WEIGHT, loss_type: LossType = "sigmoid",
@@ -209,17 +208,6 @@ class DPOModule(pl.LightningModule):
         shard_under_model_parallel(self, self.model, self.media_cache)
         if self.compile_decoder:
             compile_layers(self.model.llm.layers)
-
-    def on_fit_start(self) -> None:
-        """The DataModule's processor serves clips the media cache holds from it (src.models.media_cache)."""
-        if self.media_cache is not None:
-            self.media_cache.serve(getattr(self.trainer.datamodule, "processor", None))
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        forget_sharded_forwards(self)  # the rollout's and evaluation's forwards: rank-dependent counts
-
-    def on_train_epoch_end(self) -> None:
-        log_media_cache(self, self.media_cache)  # an epoch is a round
 
     def start_round(self, index: int, generator: torch.Generator) -> None:
         """A round boundary, as this module sees it; call on every rank (collectives under FSDP2). Folds the LoRA

@@ -13,9 +13,9 @@ over the run's optimizer steps. Logs train/loss, train/lr, train/tokens_per_s, t
 ``cache_video_tokens`` / ``cache_audio_states``: with a frozen vision path / Whisper encoder, each clip's video
 tokens / Whisper states are computed once and reused, and a clip whose every part is stored is no longer decoded or
 featurised (src.models.media_cache); with the merger trainable the video part keeps the frozen tower's output and
-the merger runs on it. ``media_cache_gb`` bounds what the cache keeps; media_cache/{part}_hit_rate is logged per
-epoch; under FSDP2 each rank keeps its own (``shard_under_model_parallel``). ``attn_implementation``: the decoder's
-attention kernel ("sdpa", "eager", ...; None keeps SDPA, which the base loads with). ``compile_decoder``:
+the merger runs on it. ``media_cache_gb`` bounds what the cache keeps; the share of the steps' encoder outputs it
+gave is logged per epoch (``TrainingHooks``); under FSDP2 each rank keeps its own (``shard_under_model_parallel``).
+``attn_implementation``: the decoder's attention kernel ("sdpa", "eager", ...; None keeps SDPA, which the base loads with). ``compile_decoder``:
 torch.compile each decoder layer (``compile_layers``: one graph for all, dynamic lengths; the tiny recipe's step
 1.6x on a 2-core CPU after a ~30-55 s first compile).
 ``optim.fused``: torch's fused AdamW, clipped under bf16-mixed where Lightning's plugin refuses (``clip_gradients``).
@@ -136,7 +136,7 @@ def shard_under_model_parallel(module: pl.LightningModule, model, media_cache: F
     units of their own (their parameters go with the root's, which every rank gathers in every forward): one rank
     may find a clip's outputs in its cache while another computes them, and per-layer units there would leave the
     computing rank in all-gathers the other never joins; ``sharding.forget_forward_order`` before each training
-    forward keeps the backward's prefetches equal across ranks."""
+    forward (``TrainingHooks``) keeps the backward's prefetches equal across ranks."""
     if getattr(module, "device_mesh", None) is None:
         return
     from src.models.sharding import shard_model
@@ -146,23 +146,43 @@ def shard_under_model_parallel(module: pl.LightningModule, model, media_cache: F
     shard_model(model, module.device_mesh, param_dtype=torch.bfloat16 if bf16 else None, whole=cached)
 
 
-def forget_sharded_forwards(module: pl.LightningModule) -> None:
-    """Before a training step (every rank), under FSDP2: ``sharding.forget_forward_order`` of the module's model."""
-    if getattr(module, "device_mesh", None) is not None:
-        forget_forward_order(module.model)
+class TrainingHooks:
+    """Hooks SFTModule and DPOModule share (mixed in before pl.LightningModule; the module has ``model`` and
+    ``media_cache``):
+    - at fit start the DataModule's processor serves clips the media cache holds (in this process: DataLoader
+      workers' copies of the processor only key their rows);
+    - before each training step, under FSDP2, FSDP2's record of earlier forwards is dropped
+      (``sharding.forget_forward_order``: the rollout's and evaluation's forwards run rank-dependent counts);
+    - media_cache/{video,audio}_hit_rate: the share of the training steps' encoder outputs the cache gave in the
+      epoch (an MrDPO round; the rollout's and evaluation's own lookups left out), the mean over ranks, and
+      media_cache/gb stored, logged at each epoch's end."""
 
+    def on_fit_start(self) -> None:
+        if self.media_cache is not None:
+            self.media_cache.serve(getattr(self.trainer.datamodule, "processor", None))
 
-def log_media_cache(module: pl.LightningModule, cache: FrozenMediaCache | None) -> None:
-    """media_cache/{part}_hit_rate: the share of this epoch's (an MrDPO round's) encoder outputs the cache gave,
-    the mean over ranks, and media_cache/gb stored; for on_train_epoch_end."""
-    if cache is None:
-        return
-    before = getattr(module, "_media_counts", {})  # (hits, misses) per part at the last epoch's end
-    for part in cache.stores:
-        hits, misses = (now - was for now, was in zip((cache.hits[part], cache.misses[part]), before.get(part, (0, 0))))
-        module.log(f"media_cache/{part}_hit_rate", hits / max(hits + misses, 1), sync_dist=True)
-    module.log("media_cache/gb", cache.bytes / 2**30, sync_dist=True)
-    module._media_counts = {part: (cache.hits[part], cache.misses[part]) for part in cache.stores}
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if getattr(self, "device_mesh", None) is not None:
+            forget_forward_order(self.model)
+        if self.media_cache is not None:
+            self._media_at_step = self.media_cache.counts()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        start = getattr(self, "_media_at_step", None)
+        if self.media_cache is None or start is None:
+            return
+        totals = getattr(self, "_media_in_steps", {})
+        for part, now in self.media_cache.counts().items():
+            totals[part] = tuple(t + n - s for t, n, s in zip(totals.get(part, (0, 0)), now, start[part]))
+        self._media_in_steps, self._media_at_step = totals, None
+
+    def on_train_epoch_end(self) -> None:
+        if self.media_cache is None:
+            return
+        for part, (hits, misses) in getattr(self, "_media_in_steps", {}).items():
+            self.log(f"media_cache/{part}_hit_rate", hits / max(hits + misses, 1), sync_dist=True)
+        self.log("media_cache/gb", self.media_cache.bytes / 2**30, sync_dist=True)
+        self._media_in_steps = {}
 
 
 def adamw(params: list[torch.nn.Parameter], lr: float, optim: OptimSettings) -> torch.optim.AdamW:
@@ -192,7 +212,7 @@ def log_grad_norm_and_lr(module: pl.LightningModule, optimizer) -> None:
     module.log("train/lr", optimizer.param_groups[0]["lr"])
 
 
-class SFTModule(pl.LightningModule):
+class SFTModule(TrainingHooks, pl.LightningModule):
     def __init__(self, base: str, stage: Stage = "sft", trainable: list[str] | None = None,
                  lora: LoraSettings = LoraSettings(), lr: float = 2e-5, optim: OptimSettings = OptimSettings(),
                  activation_checkpointing: bool = False, cache_video_tokens: bool = False,
@@ -228,18 +248,6 @@ class SFTModule(pl.LightningModule):
         if self.media_cache is not None:
             self.media_cache.attach(self.model)
         shard_under_model_parallel(self, self.model, self.media_cache)
-
-    def on_fit_start(self) -> None:
-        """The DataModule's processor serves clips the media cache holds from it (in this process: workers' copies
-        of the processor only key their rows)."""
-        if self.media_cache is not None:
-            self.media_cache.serve(getattr(self.trainer.datamodule, "processor", None))
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        forget_sharded_forwards(self)
-
-    def on_train_epoch_end(self) -> None:
-        log_media_cache(self, self.media_cache)
 
     def forward(self, batch: dict[str, Any]):
         return self.model(**model_inputs(batch), return_logits=False)

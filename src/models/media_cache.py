@@ -75,6 +75,10 @@ class FrozenMediaCache:
         self.bytes += size
         return True
 
+    def counts(self) -> dict[str, tuple[int, int]]:
+        """(hits, misses) so far, per part."""
+        return {part: (self.hits[part], self.misses[part]) for part in self.stores}
+
     def stats(self) -> dict[str, object]:
         return {"parts": list(self.stores), "hits": dict(self.hits), "misses": dict(self.misses),
                 "entries": {part: len(store) for part, store in self.stores.items()},
