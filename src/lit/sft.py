@@ -16,8 +16,8 @@ featurised (src.models.media_cache); with the merger trainable the video part ke
 the merger runs on it. ``media_cache_gb`` bounds what the cache keeps; the share of the steps' encoder outputs it
 gave is logged per epoch (``TrainingHooks``); under FSDP2 each rank keeps its own (``shard_under_model_parallel``).
 ``attn_implementation``: the decoder's attention kernel ("sdpa", "eager", ...; None keeps SDPA, which the base
-loads with). ``compile_decoder``: torch.compile each decoder layer (``compile_layers``: one graph for all, dynamic lengths; the tiny recipe's step
-1.6x on a 2-core CPU after a ~30-55 s first compile).
+loads with). ``compile_decoder``: torch.compile each decoder layer (``compile_layers``: one graph for all, dynamic
+lengths; the tiny recipe's step 1.6x on a 2-core CPU after a ~30-55 s first compile).
 ``optim.fused``: torch's fused AdamW, clipped under bf16-mixed where Lightning's plugin refuses (``clip_gradients``).
 """
 
