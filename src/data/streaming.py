@@ -215,6 +215,13 @@ class StreamCursor:
 # The dataset
 
 
+def position_rank(position: int, world_size: int, num_workers: int) -> int:
+    """The rank whose stream yields an epoch's item ``position`` (module docstring, step 3: shard ``position %
+    (world_size x workers)``, shards ``rank x workers ...`` belong to ``rank``; ``StreamingDataset._local_shard``)."""
+    workers = max(num_workers, 1)
+    return (position % (world_size * workers)) // workers
+
+
 def dist_rank_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()

@@ -15,6 +15,7 @@ import random
 from collections.abc import Iterable, Mapping
 
 from src.data.manifest import read_manifest, repair_partial_last_line, write_manifest
+from src.data.streaming import position_rank
 
 PROGRESS_SUFFIX = ".progress"
 
@@ -78,7 +79,7 @@ def merge_shards(out: str | os.PathLike, world_size: int, *, interleave: int | N
 
     ``interleave`` N (the training DataLoader's workers per rank, 0 and 1 alike): order the pairs so that each
     rank's training stream, read in file order (no shuffle buffer), gets the pairs its own rollout made.
-    Position p goes to rank ``(p % (world_size * N)) // N`` (src.data.streaming's sharding), so it is filled from
+    Position p goes to rank ``(p % (world_size * N)) // N`` (``src.data.streaming.position_rank``), so it is filled from
     that rank's shard; once a rank's pairs run out, its positions take the others' leftovers (the rank with the
     most left first). ``seed``: each shard is shuffled with it first (the stream does not shuffle then).
     """
@@ -99,17 +100,16 @@ def merge_shards(out: str | os.PathLike, world_size: int, *, interleave: int | N
 
 
 def interleave_shards(shards: list[list], workers: int, seed: int | None = None) -> list:
-    """The rows of every rank's shard in one list whose position p belongs to rank ``(p % (ranks x workers)) //
-    workers``, as far as that rank's rows last (see ``merge_shards``)."""
+    """The rows of every rank's shard in one list whose position p holds a row of the rank whose training stream
+    reads it (``streaming.position_rank``), as far as that rank's rows last (see ``merge_shards``)."""
     queues = [list(shard) for shard in shards]
     if seed is not None:
         for rank, queue in enumerate(queues):
             random.Random(seed * 1_000_003 + rank).shuffle(queue)
     queues = [queue[::-1] for queue in queues]  # pop() from the end = the front
-    period = len(queues) * workers
     rows = []
     for p in range(sum(len(queue) for queue in queues)):
-        rank = (p % period) // workers
+        rank = position_rank(p, len(queues), workers)
         if not queues[rank]:
             rank = max(range(len(queues)), key=lambda r: (len(queues[r]), -r))
         rows.append(queues[rank].pop())
