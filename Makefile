@@ -62,9 +62,11 @@ checkpoints/tiny-base/config.json: | $(STAMP) $(SYNTH_STAMP)
 		--pretrain-eval $(SYNTH)/val.jsonl --clip-cache $(SYNTH)/.clip_cache
 
 # The main job on the embedded default: align, then SFT, export checkpoints/sft/final, judge the test split.
+# SFT_ARGS: LightningCLI overrides of recipes/sft.yaml, e.g. SFT_ARGS=--trainer.max_steps=4000 (test EER 39.4%
+# against the recipe's 50.9%, SFT 10 min 19 s against 8 min 17 s: past the 15 minutes; README, Status).
 sft: data base
 	$(PY) -m src.fit --recipe recipes/align.yaml
-	$(PY) -m src.fit --recipe recipes/sft.yaml
+	$(PY) -m src.fit --recipe recipes/sft.yaml $(SFT_ARGS)
 	$(PY) -m src.evaluate --ckpt checkpoints/sft/final --data $(SYNTH)/test.jsonl --judge synth
 
 # Multi-round DPO from the SFT export (recipes/mrdpo.yaml; `make sft` first when checkpoints/sft/final is missing):
